@@ -1,0 +1,27 @@
+//! rqemu's block layer.
+//!
+//! Images are graphs of nodes ([`node::BlockDriver`]): format nodes (raw, qcow2) over
+//! protocol nodes (file), with backing chains. Users hold a [`BlockBackend`] on the root.
+//! Every data operation is async; many requests run concurrently on one node.
+//!
+//! ```text
+//!   BlockBackend ── bounds, read-only, write-through, discard policy, zero detection
+//!        │
+//!   format node (qcow2 | raw) ──backing──▶ format node ── ...
+//!        │ file
+//!   protocol node (file: threads | io_uring, O_DIRECT bounce, locking)
+//! ```
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod error;
+pub mod graph;
+pub mod info;
+pub mod node;
+pub mod open;
+pub mod options;
+
+pub use backend::BlockBackend;
+pub use error::{Error, Result};
+pub use node::{BlockDriver, BlockStatus, NodeRef, Prealloc, WriteFlags};
+pub use options::{AioMode, CacheMode, DetectZeroes, DiscardMode, OpenOptions};

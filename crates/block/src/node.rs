@@ -1,0 +1,253 @@
+//! The node interface: what every format and protocol driver implements.
+//!
+//! A block graph is built from nodes ([`NodeRef`]): a format node (qcow2, raw) sits on a
+//! protocol node (file) through its `file` child and may have a `backing` node. All data
+//! operations are async and take byte offsets and lengths; a node serves many requests at
+//! once. Drivers that cannot do something return [`Error::Unsupported`].
+
+use std::any::Any;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::error::{Error, Result};
+use crate::info::{CheckReport, FormatInfo, RepairMode, SnapshotInfo};
+
+/// A shared handle to a node of the graph.
+pub type NodeRef = Arc<dyn BlockDriver>;
+
+/// Flags of a write request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Force unit access: the data is durable when the request completes.
+    pub fua: bool,
+    /// For write-zeroes: the range may be deallocated (holes, discarded clusters).
+    pub may_unmap: bool,
+    /// For write-zeroes: fail with ENOTSUP instead of writing explicit zero buffers.
+    pub no_fallback: bool,
+}
+
+impl WriteFlags {
+    /// No flags.
+    pub const NONE: WriteFlags = WriteFlags {
+        fua: false,
+        may_unmap: false,
+        no_fallback: false,
+    };
+    /// Only FUA.
+    pub const FUA: WriteFlags = WriteFlags {
+        fua: true,
+        may_unmap: false,
+        no_fallback: false,
+    };
+}
+
+/// Preallocation modes of `create` and `truncate`, as QEMU names them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Prealloc {
+    /// Nothing is preallocated.
+    #[default]
+    Off,
+    /// Format metadata is preallocated (qcow2: L2 tables and cluster mappings).
+    Metadata,
+    /// Space is reserved with fallocate.
+    Falloc,
+    /// Space is written with zeroes.
+    Full,
+}
+
+impl Prealloc {
+    /// Parses QEMU's names.
+    pub fn parse(s: &str) -> Option<Prealloc> {
+        Some(match s {
+            "off" => Prealloc::Off,
+            "metadata" => Prealloc::Metadata,
+            "falloc" => Prealloc::Falloc,
+            "full" => Prealloc::Full,
+            _ => return None,
+        })
+    }
+
+    /// QEMU's name of the mode.
+    pub fn name(self) -> &'static str {
+        match self {
+            Prealloc::Off => "off",
+            Prealloc::Metadata => "metadata",
+            Prealloc::Falloc => "falloc",
+            Prealloc::Full => "full",
+        }
+    }
+}
+
+/// Where the data of a range lives in a lower node.
+#[derive(Clone)]
+pub struct HostMapping {
+    /// The node holding the data (a file node, or a qcow2 external data file).
+    pub node: NodeRef,
+    /// Byte offset in that node.
+    pub offset: u64,
+}
+
+/// The allocation status of a range starting at the requested offset.
+#[derive(Clone, Default)]
+pub struct BlockStatus {
+    /// Bytes from the requested offset with this status (at least 1, at most the request).
+    pub len: u64,
+    /// Reads return data from this node or below (not known to be zero).
+    pub data: bool,
+    /// Reads return zeroes.
+    pub zero: bool,
+    /// This node determines the content (as opposed to its backing node).
+    pub allocated: bool,
+    /// The range is a compressed cluster.
+    pub compressed: bool,
+    /// The answer for data/zero should be refined by asking `host.node`.
+    pub recurse: bool,
+    /// Where the range is stored, if it is stored contiguously somewhere.
+    pub host: Option<HostMapping>,
+}
+
+impl std::fmt::Debug for BlockStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockStatus")
+            .field("len", &self.len)
+            .field("data", &self.data)
+            .field("zero", &self.zero)
+            .field("allocated", &self.allocated)
+            .field("compressed", &self.compressed)
+            .field("recurse", &self.recurse)
+            .field("host_offset", &self.host.as_ref().map(|h| h.offset))
+            .finish()
+    }
+}
+
+/// What a child is to its parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildRole {
+    /// The protocol node under a format node.
+    File,
+    /// The backing image of an overlay.
+    Backing,
+    /// An external data file (qcow2 `data_file`).
+    DataFile,
+}
+
+impl ChildRole {
+    /// QEMU's name of the child.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChildRole::File => "file",
+            ChildRole::Backing => "backing",
+            ChildRole::DataFile => "data-file",
+        }
+    }
+}
+
+/// Memory and request alignment a node needs (O_DIRECT files need sector alignment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Alignment {
+    /// Offsets and lengths must be multiples of this.
+    pub request: u32,
+    /// Buffer addresses must be multiples of this.
+    pub memory: u32,
+}
+
+impl Alignment {
+    /// No alignment requirement.
+    pub const BYTE: Alignment = Alignment {
+        request: 1,
+        memory: 1,
+    };
+}
+
+/// A format or protocol driver instance: one node of the graph.
+#[async_trait]
+pub trait BlockDriver: Send + Sync + 'static {
+    /// The driver's QEMU name (`qcow2`, `raw`, `file`).
+    fn driver_name(&self) -> &'static str;
+
+    /// The node's filename as QEMU shows it (for a format node, its file's name).
+    fn filename(&self) -> String;
+
+    /// Current size in bytes (virtual size for formats, file length for protocols).
+    fn size(&self) -> u64;
+
+    /// Whether the node was opened read-only.
+    fn read_only(&self) -> bool;
+
+    /// Alignment this node needs from its callers.
+    fn alignment(&self) -> Alignment {
+        Alignment::BYTE
+    }
+
+    /// The node's children with their roles, file first.
+    fn children(&self) -> Vec<(ChildRole, NodeRef)> {
+        Vec::new()
+    }
+
+    /// The backing node, if this node has one open.
+    fn backing(&self) -> Option<NodeRef> {
+        self.children()
+            .into_iter()
+            .find(|(r, _)| *r == ChildRole::Backing)
+            .map(|(_, n)| n)
+    }
+
+    /// The driver as `Any`, to reach format-specific operations.
+    fn as_any(&self) -> &dyn Any;
+
+    /// Reads `buf.len()` bytes at `offset`.
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Writes `buf` at `offset`.
+    async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()>;
+
+    /// Writes `len` zero bytes at `offset`, deallocating if `flags.may_unmap` allows.
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()>;
+
+    /// Writes `buf` (a whole cluster, or the image's tail) compressed.
+    async fn write_compressed(&self, _offset: u64, _buf: &[u8]) -> Result<()> {
+        Err(Error::unsupported(
+            "Compression is not supported for this image format",
+        ))
+    }
+
+    /// Discards `len` bytes at `offset` (a hint; contents become unspecified or zero).
+    async fn discard(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Makes every completed write durable.
+    async fn flush(&self) -> Result<()>;
+
+    /// Allocation status of the range starting at `offset`, at most `len` bytes long.
+    async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus>;
+
+    /// Changes the size.
+    async fn truncate(&self, size: u64, exact: bool, prealloc: Prealloc) -> Result<()>;
+
+    /// Writes back cached metadata, clears dirty state and releases the node.
+    async fn close(&self) -> Result<()> {
+        self.flush().await
+    }
+
+    /// Bytes the node occupies on its storage (`disk size` in `qemu-img info`).
+    async fn allocated_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// Format-specific information for `qemu-img info`.
+    async fn format_info(&self) -> Result<FormatInfo> {
+        Ok(FormatInfo::default())
+    }
+
+    /// Internal snapshots of the image.
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        Ok(Vec::new())
+    }
+
+    /// Consistency check (and repair) of the image's metadata.
+    async fn check(&self, _repair: RepairMode) -> Result<CheckReport> {
+        Err(Error::unsupported(
+            "This image format does not support checks",
+        ))
+    }
+}
