@@ -14,12 +14,19 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod buffer;
+pub mod create;
 pub mod error;
+pub mod format;
 pub mod graph;
 pub mod info;
 pub mod node;
 pub mod open;
 pub mod options;
+pub mod perm;
+pub mod probe;
+pub mod protocol;
+pub mod status;
 
 pub use backend::BlockBackend;
 pub use error::{Error, Result};

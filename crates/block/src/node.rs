@@ -79,11 +79,12 @@ impl Prealloc {
     }
 }
 
-/// Where the data of a range lives in a lower node.
+/// Where the data of a range lives.
 #[derive(Clone)]
 pub struct HostMapping {
-    /// The node holding the data (a file node, or a qcow2 external data file).
-    pub node: NodeRef,
+    /// The node holding the data (a file node, or a qcow2 external data file);
+    /// `None` for the node that answered (protocol nodes map to themselves).
+    pub node: Option<NodeRef>,
     /// Byte offset in that node.
     pub offset: u64,
 }
@@ -191,6 +192,11 @@ pub trait BlockDriver: Send + Sync + 'static {
             .into_iter()
             .find(|(r, _)| *r == ChildRole::Backing)
             .map(|(_, n)| n)
+    }
+
+    /// Whether the driver can have a backing node (unallocated ranges fall through).
+    fn supports_backing(&self) -> bool {
+        false
     }
 
     /// The driver as `Any`, to reach format-specific operations.

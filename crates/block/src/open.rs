@@ -1,13 +1,522 @@
 //! Opening images: the one place that turns [`OpenOptions`] into a node graph.
+//!
+//! Protocol node first (with the cache mode, AIO engine and locks), then the format,
+//! probed from the first bytes when not named, then the backing chain, each backing file
+//! resolved relative to its overlay and opened read-only. Loops in the chain are refused.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rqemu_opts::KeyVal;
 
 use crate::backend::BlockBackend;
 use crate::error::{Error, Result};
-use crate::options::OpenOptions;
+use crate::format::qcow2::{Qcow2, Qcow2Options};
+use crate::format::raw::RawNode;
+use crate::node::BlockDriver;
+use crate::node::NodeRef;
+use crate::options::{AioMode, CacheMode, OpenOptions};
+use crate::perm::PermRequest;
+use crate::probe::{probe_format, PROBE_BUF_SIZE};
+use crate::protocol::file::{FileNode, FileOptions};
 
-/// Opens the graph `opts` describes and wraps it in a backend.
+/// Longest backing chain rqemu opens.
+pub const MAX_CHAIN_DEPTH: usize = 1000;
+
+/// Resolves a backing or data file name relative to the image that names it, as QEMU
+/// does: absolute names and protocol URLs stay as they are; relative names are taken
+/// from the directory part of `base`.
+pub fn resolve_relative(base: &str, name: &str) -> String {
+    if name.starts_with('/') || is_protocol_name(name) || name.starts_with("json:") {
+        return name.to_string();
+    }
+    match base.rfind('/') {
+        Some(i) => format!("{}{}", &base[..=i], name),
+        None => name.to_string(),
+    }
+}
+
+fn is_protocol_name(name: &str) -> bool {
+    match name.find(':') {
+        Some(i) => {
+            let p = &name[..i];
+            !p.is_empty()
+                && !p.contains('/')
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '_')
+                && matches!(
+                    p,
+                    "nbd" | "nbd+unix" | "nbd+tcp" | "file" | "http" | "https"
+                )
+        }
+        None => false,
+    }
+}
+
+/// Flags that apply to a whole graph.
+#[derive(Debug, Clone)]
+pub struct GraphFlags {
+    /// The top node is opened read-only.
+    pub read_only: bool,
+    /// Cache mode for every node.
+    pub cache: CacheMode,
+    /// AIO engine for file nodes.
+    pub aio: AioMode,
+    /// Take no locks and share everything.
+    pub force_share: bool,
+    /// Do not open backing files.
+    pub no_backing: bool,
+    /// Opened by `check` (corrupt images may be opened for repair; no repair on open).
+    pub check: bool,
+    /// Print nothing about probed raw images.
+    pub quiet_probe: bool,
+    /// Only metadata will be read.
+    pub no_io: bool,
+}
+
+impl GraphFlags {
+    /// Flags from open options.
+    pub fn from_options(o: &OpenOptions) -> GraphFlags {
+        GraphFlags {
+            read_only: o.read_only,
+            cache: o.cache,
+            aio: o.aio,
+            force_share: o.force_share,
+            no_backing: o.no_backing,
+            check: o.check,
+            quiet_probe: o.quiet_probe,
+            no_io: o.no_io,
+        }
+    }
+}
+
+fn take_bool(kv: &mut KeyVal, key: &str) -> Result<Option<bool>> {
+    match kv.take(key) {
+        None => Ok(None),
+        Some(v) => rqemu_opts::bool_opt(&v)
+            .map(Some)
+            .ok_or_else(|| Error::invalid(format!("Parameter '{key}' expects 'on' or 'off'"))),
+    }
+}
+
+/// Opens the graph for `opts` and wraps it in a backend.
 pub async fn open_backend(opts: &OpenOptions) -> Result<BlockBackend> {
-    Err(Error::unsupported(format!(
-        "Could not open '{}': not yet supported",
-        opts.filename
-    )))
+    let mut flags = GraphFlags::from_options(opts);
+    let mut kv = opts.options.clone();
+    let mut filename = opts.filename.clone();
+    if let Some(json) = filename.strip_prefix("json:") {
+        let parsed =
+            rqemu_opts::parse_json_filename(json).map_err(|e| Error::invalid(e.to_string()))?;
+        let mut merged = parsed;
+        merged.merge(&kv);
+        kv = merged;
+        filename.clear();
+    }
+    if let Some(ro) = take_bool(&mut kv, "read-only")? {
+        flags.read_only = ro;
+    }
+    if let Some(fs) = take_bool(&mut kv, "force-share")? {
+        flags.force_share = fs;
+    }
+    if flags.force_share && !flags.read_only {
+        return Err(Error::invalid(
+            "force-share=on can only be used with read-only images",
+        ));
+    }
+    let mut discard = opts.discard;
+    if let Some(d) = kv.take("discard") {
+        discard = crate::options::DiscardMode::parse(&d)?;
+    }
+    let mut detect = opts.detect_zeroes;
+    if let Some(d) = kv.take("detect-zeroes") {
+        detect = crate::options::DetectZeroes::parse(&d)?;
+    }
+    let format = opts.format.clone().or_else(|| kv.take("driver"));
+    let snapshot = opts.snapshot;
+    let mut base_flags = flags.clone();
+    if snapshot {
+        base_flags.read_only = true;
+    }
+    let mut chain = Vec::new();
+    let root = open_node(&filename, format.as_deref(), kv, &base_flags, &mut chain).await?;
+    let mut temp_files = Vec::new();
+    let root = if snapshot {
+        let (overlay, path) = temporary_overlay(&root, &flags).await?;
+        temp_files.push(path);
+        overlay
+    } else {
+        root
+    };
+    Ok(
+        BlockBackend::new(root, flags.read_only, flags.cache, discard, detect)
+            .with_temp_files(temp_files),
+    )
+}
+
+/// Opens one node (format over protocol) and, recursively, its backing chain.
+pub async fn open_node(
+    filename: &str,
+    format: Option<&str>,
+    mut kv: KeyVal,
+    flags: &GraphFlags,
+    chain: &mut Vec<std::path::PathBuf>,
+) -> Result<NodeRef> {
+    if chain.len() > MAX_CHAIN_DEPTH {
+        return Err(Error::invalid("Backing chain is too deep"));
+    }
+    let mut cache = flags.cache;
+    if let Some(d) = take_bool(&mut kv, "cache.direct")? {
+        cache.direct = d;
+    }
+    if let Some(n) = take_bool(&mut kv, "cache.no-flush")? {
+        cache.no_flush = n;
+    }
+    kv.take("node-name");
+    kv.take("auto-read-only");
+    if let Some(d) = kv.take("discard") {
+        crate::options::DiscardMode::parse(&d)?;
+    }
+    if let Some(d) = kv.take("detect-zeroes") {
+        crate::options::DetectZeroes::parse(&d)?;
+    }
+    // Protocol-only opens (driver=file).
+    if matches!(format, Some("file") | Some("host_device")) {
+        let fname = kv.take("filename").unwrap_or_else(|| filename.to_string());
+        let file = open_file(
+            &fname,
+            kv,
+            flags,
+            cache,
+            PermRequest::user(!flags.read_only),
+        )?;
+        return Ok(file);
+    }
+    let mut file_kv = kv.take_child("file");
+    let mut fname = match kv.take("file") {
+        Some(f) => f,
+        None => file_kv
+            .take("filename")
+            .unwrap_or_else(|| filename.to_string()),
+    };
+    if let Some(p) = fname.strip_prefix("file:") {
+        fname = p.to_string();
+    }
+    if fname.is_empty() {
+        return Err(Error::invalid(
+            "A block device must be specified for \"file\"",
+        ));
+    }
+    match file_kv.take("driver").as_deref() {
+        None | Some("file") | Some("host_device") => {}
+        Some(other) => {
+            return Err(Error::invalid(format!("Unknown protocol '{other}'")));
+        }
+    }
+    // Open the file without locks first: probing needs to read, and the lock request
+    // depends on the format.
+    let file = Arc::new(FileNode::open(&file_options(
+        &fname,
+        &mut file_kv,
+        flags,
+        cache,
+    )?)?);
+    reject_unknown("file", &file_kv, true)?;
+    let (format, probed) = match format {
+        Some(f) => (f.to_string(), false),
+        None => {
+            let mut head = vec![0u8; PROBE_BUF_SIZE];
+            let n = (file.size() as usize).min(PROBE_BUF_SIZE);
+            if n > 0 {
+                crate::node::BlockDriver::read(&*file, 0, &mut head[..n])
+                    .await
+                    .map_err(|e| {
+                        e.context(format!("Could not read image for determining its format"))
+                    })?;
+            }
+            (probe_format(&head[..n], &fname).to_string(), true)
+        }
+    };
+    let writable = !flags.read_only;
+    let req = match format.as_str() {
+        "raw" => PermRequest::user(writable),
+        _ => PermRequest::metadata_format(writable, flags.force_share),
+    };
+    if !flags.force_share {
+        file.set_perm(req)?;
+    }
+    let file_ref: NodeRef = file.clone();
+    match format.as_str() {
+        "raw" => {
+            if probed && writable && !flags.quiet_probe {
+                eprintln!(
+                    "WARNING: Image format was not specified for '{fname}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
+                );
+            }
+            let offset = match kv.take("offset") {
+                Some(v) => rqemu_opts::parse_size(&v, 1)
+                    .map_err(|_| crate::create::size_param_error("offset"))?,
+                None => 0,
+            };
+            let size = match kv.take("size") {
+                Some(v) => Some(
+                    rqemu_opts::parse_size(&v, 1)
+                        .map_err(|_| crate::create::size_param_error("size"))?,
+                ),
+                None => None,
+            };
+            reject_unknown("raw", &kv, false)?;
+            Ok(Arc::new(RawNode::new(file_ref, offset, size, probed)?))
+        }
+        "qcow2" => {
+            note_in_chain(chain, &fname)?;
+            let mut qo = Qcow2Options::take_from(&mut kv)?;
+            qo.read_only = flags.read_only;
+            qo.no_flush = cache.no_flush;
+            qo.check = flags.check;
+            qo.no_io = flags.no_io;
+            let data_file_opt = kv.take("data-file");
+            let mut data_kv = kv.take_child("data-file");
+            let backing_opt = kv.take("backing");
+            let backing_kv = kv.take_child("backing");
+            reject_unknown("qcow2", &kv, false)?;
+            // External data file: named in the options or in the image header.
+            let header_data_file = peek_data_file_name(&file_ref).await?;
+            let data_name = data_file_opt
+                .or_else(|| data_kv.take("filename"))
+                .or_else(|| data_kv.take("file.filename"))
+                .or_else(|| header_data_file.map(|n| resolve_relative(&fname, &n)));
+            let data_name = if flags.no_io { None } else { data_name };
+            if let Some(dn) = data_name {
+                if peek_has_data_file(&file_ref).await? || !data_kv.is_empty() {
+                    let data = open_file(
+                        &dn,
+                        KeyVal::new(),
+                        flags,
+                        cache,
+                        PermRequest::user(writable),
+                    )
+                    .map_err(|e| e)?;
+                    qo.data_file = Some(data);
+                } else {
+                    return Err(Error::invalid(
+                        "'data-file' can only be set for images with an external data file",
+                    ));
+                }
+            }
+            let q = Qcow2::open(file_ref, qo).await?;
+            let skip_backing =
+                flags.no_backing || matches!(backing_opt.as_deref(), Some("") | Some("null"));
+            if !skip_backing {
+                let (name, bfmt) = q.backing_spec().await;
+                if let Some(name) = name {
+                    let path = backing_kv
+                        .get("file.filename")
+                        .or(backing_kv.get("filename"))
+                        .map(str::to_string)
+                        .unwrap_or_else(|| resolve_relative(&fname, &name));
+                    let bflags = GraphFlags {
+                        read_only: true,
+                        quiet_probe: true,
+                        check: false,
+                        no_io: false,
+                        ..flags.clone()
+                    };
+                    let bfmt = backing_kv.get("driver").map(str::to_string).or(bfmt);
+                    let backing = Box::pin(open_node(
+                        &path,
+                        bfmt.as_deref(),
+                        KeyVal::new(),
+                        &bflags,
+                        chain,
+                    ))
+                    .await
+                    .map_err(|e| e.context("Could not open backing file"))?;
+                    q.set_backing(Some(backing)).await;
+                }
+            }
+            Ok(q)
+        }
+        other => Err(unknown_driver(other)),
+    }
+}
+
+fn unknown_driver(name: &str) -> Error {
+    match name {
+        "qcow" | "qed" | "vdi" | "vmdk" | "vpc" | "vhdx" | "luks" | "dmg" | "parallels"
+        | "bochs" | "cloop" => Error::unsupported(format!(
+            "Driver '{name}' is not supported by this build of rqemu"
+        )),
+        _ => Error::invalid(format!("Unknown driver '{name}'")),
+    }
+}
+
+fn reject_unknown(driver: &str, kv: &KeyVal, protocol: bool) -> Result<()> {
+    if let Some(k) = kv.keys().next() {
+        let what = if protocol { "protocol" } else { "format" };
+        return Err(Error::invalid(format!(
+            "Block {what} '{driver}' doesn't support the option '{k}'"
+        )));
+    }
+    Ok(())
+}
+
+fn note_in_chain(chain: &mut Vec<std::path::PathBuf>, fname: &str) -> Result<()> {
+    let canon = std::fs::canonicalize(fname).unwrap_or_else(|_| Path::new(fname).to_path_buf());
+    if chain.contains(&canon) {
+        return Err(Error::invalid(format!(
+            "Backing file '{fname}' creates an infinite loop."
+        )));
+    }
+    chain.push(canon);
+    Ok(())
+}
+
+fn file_options(
+    fname: &str,
+    kv: &mut KeyVal,
+    flags: &GraphFlags,
+    cache: CacheMode,
+) -> Result<FileOptions> {
+    let mut aio = flags.aio;
+    if let Some(a) = kv.take("aio") {
+        aio = AioMode::parse(&a)?;
+    }
+    let mut locking = !flags.force_share;
+    if let Some(l) = kv.take("locking") {
+        locking = match l.as_str() {
+            "on" | "auto" => true,
+            "off" => false,
+            _ => {
+                return Err(Error::invalid(format!(
+                    "Parameter 'locking' does not accept value '{l}'"
+                )))
+            }
+        };
+    }
+    let mut cache = cache;
+    if let Some(d) = take_bool(kv, "cache.direct")? {
+        cache.direct = d;
+    }
+    kv.take("cache.no-flush");
+    kv.take("x-check-cache-dropped");
+    kv.take("pr-manager");
+    kv.take("drop-cache");
+    Ok(FileOptions {
+        filename: fname.to_string(),
+        read_only: flags.read_only,
+        cache,
+        aio,
+        locking,
+        create: false,
+    })
+}
+
+fn open_file(
+    fname: &str,
+    mut kv: KeyVal,
+    flags: &GraphFlags,
+    cache: CacheMode,
+    req: PermRequest,
+) -> Result<NodeRef> {
+    let fo = file_options(fname, &mut kv, flags, cache)?;
+    reject_unknown("file", &kv, true)?;
+    let file = Arc::new(FileNode::open(&fo)?);
+    if !flags.force_share {
+        file.set_perm(req)?;
+    }
+    Ok(file)
+}
+
+async fn read_header_cluster(
+    file: &NodeRef,
+) -> Result<Option<crate::format::qcow2::header::Header>> {
+    let mut head = vec![0u8; 4096];
+    let n = (file.size() as usize).min(head.len());
+    file.read(0, &mut head[..n]).await?;
+    let Ok(mut h) = crate::format::qcow2::header::Header::parse(&head) else {
+        return Ok(None);
+    };
+    let cs = 1usize << h.cluster_bits;
+    let mut cluster = vec![0u8; cs.max(4096)];
+    file.read(0, &mut cluster[..cs.max(n.min(cs))]).await?;
+    let end = h.extensions_end();
+    if h.parse_extensions(&cluster, end).is_err() {
+        return Ok(None);
+    }
+    Ok(Some(h))
+}
+
+async fn peek_data_file_name(file: &NodeRef) -> Result<Option<String>> {
+    Ok(read_header_cluster(file).await?.and_then(|h| {
+        if h.incompatible_features & crate::format::qcow2::types::incompat::DATA_FILE != 0 {
+            h.data_file
+        } else {
+            None
+        }
+    }))
+}
+
+async fn peek_has_data_file(file: &NodeRef) -> Result<bool> {
+    Ok(read_header_cluster(file).await?.is_some_and(|h| {
+        h.incompatible_features & crate::format::qcow2::types::incompat::DATA_FILE != 0
+    }))
+}
+
+/// Creates a temporary qcow2 overlay over `base` (for `-snapshot`) in `$TMPDIR` or
+/// `/var/tmp`, and returns it with the path to delete afterwards.
+async fn temporary_overlay(
+    base: &NodeRef,
+    flags: &GraphFlags,
+) -> Result<(NodeRef, std::path::PathBuf)> {
+    let dir = std::env::var("TMPDIR").unwrap_or_else(|_| "/var/tmp".into());
+    let path = loop {
+        let p = Path::new(&dir).join(format!("vl.{:06x}", rand_u32() & 0xff_ffff));
+        if !p.exists() {
+            break p;
+        }
+    };
+    let pstr = path.to_string_lossy().into_owned();
+    let mut co = crate::create::CreateOptions::new("qcow2")?;
+    co.set("size", &base.size().to_string())?;
+    crate::create::create(&pstr, &co).await.map_err(|e| {
+        Error::other(
+            format!("Could not create temporary overlay '{pstr}': {e}"),
+            e.errno_value(),
+        )
+    })?;
+    let oflags = GraphFlags {
+        read_only: false,
+        no_backing: true,
+        ..flags.clone()
+    };
+    let mut chain = Vec::new();
+    let overlay = open_node(&pstr, Some("qcow2"), KeyVal::new(), &oflags, &mut chain).await?;
+    if let Some(q) = overlay.as_any().downcast_ref::<Qcow2>() {
+        q.set_backing(Some(base.clone())).await;
+    }
+    Ok((overlay, path))
+}
+
+fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    t ^ std::process::id().rotate_left(16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_backing_names() {
+        assert_eq!(resolve_relative("o.qcow2", "b.qcow2"), "b.qcow2");
+        assert_eq!(
+            resolve_relative("/dev/shm/o.qcow2", "b.qcow2"),
+            "/dev/shm/b.qcow2"
+        );
+        assert_eq!(resolve_relative("d/o.qcow2", "/abs/b"), "/abs/b");
+        assert_eq!(resolve_relative("d/o.qcow2", "nbd://h/x"), "nbd://h/x");
+    }
 }

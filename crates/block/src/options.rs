@@ -158,4 +158,8 @@ pub struct OpenOptions {
     pub detect_zeroes: DetectZeroes,
     /// Do not print the "probed raw" warning (callers that warn themselves).
     pub quiet_probe: bool,
+    /// Opened by `check`: corrupt images may be opened for repair, no repair on open.
+    pub check: bool,
+    /// Only metadata will be read (no external data file, no repair on open).
+    pub no_io: bool,
 }

@@ -1,0 +1,4 @@
+//! Format drivers: nodes that interpret an image file (raw, qcow2).
+
+pub mod qcow2;
+pub mod raw;

@@ -1,0 +1,338 @@
+//! The guest data paths: reads (from data clusters, compressed clusters, the backing
+//! node, or zeroes), allocating writes with copy-on-write, compressed writes, and resize.
+
+use std::sync::Arc;
+
+use crate::buffer::AlignedBuf;
+use crate::error::{Error, Result};
+use crate::node::BlockDriver;
+use crate::node::WriteFlags;
+
+use super::alloc::HostRange;
+use super::cluster::L2Meta;
+use super::meta::DiscardType;
+use super::types::*;
+use super::{compress, Qcow2};
+
+impl Qcow2 {
+    /// Reads guest data; also used for copy-on-write (it sees the old mappings until
+    /// an allocation is linked).
+    pub(super) async fn read_guest(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let want = (buf.len() - done) as u64;
+            let mapping = {
+                let mut m = self.meta.lock().await;
+                let r = m.get_host_offset(pos, want).await;
+                self.with_meta(&mut m, r).await?
+            };
+            let n = mapping.len.min(want) as usize;
+            let chunk = &mut buf[done..done + n];
+            match mapping.ty {
+                ScType::UnallocatedPlain | ScType::UnallocatedAlloc => {
+                    self.read_backing(pos, chunk).await?;
+                }
+                ScType::ZeroPlain | ScType::ZeroAlloc => chunk.fill(0),
+                ScType::Normal => self.data().read(mapping.host, chunk).await?,
+                ScType::Compressed => {
+                    let data = self.decompress_cluster(mapping.entry).await?;
+                    let from = self.geo.offset_in_cluster(pos) as usize;
+                    chunk.copy_from_slice(&data[from..from + n]);
+                }
+                ScType::Invalid => return Err(Error::errno(libc::EIO)),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    async fn read_backing(&self, pos: u64, chunk: &mut [u8]) -> Result<()> {
+        let Some(b) = self.backing_node() else {
+            chunk.fill(0);
+            return Ok(());
+        };
+        let bsize = b.size();
+        let avail = bsize.saturating_sub(pos).min(chunk.len() as u64) as usize;
+        if avail > 0 {
+            b.read(pos, &mut chunk[..avail]).await?;
+        }
+        chunk[avail..].fill(0);
+        Ok(())
+    }
+
+    /// Decompresses the cluster an L2 entry describes (keeping the last one cached).
+    async fn decompress_cluster(&self, entry: L2Entry) -> Result<Arc<Vec<u8>>> {
+        if let Ok(cache) = self.decompressed.lock() {
+            if let Some((desc, data)) = cache.as_ref() {
+                if *desc == entry.raw {
+                    return Ok(data.clone());
+                }
+            }
+        }
+        let host = entry.raw & self.geo.compressed_offset_mask();
+        let sectors = ((entry.raw >> self.geo.csize_shift()) & self.geo.csize_mask()) + 1;
+        let csize = sectors * 512 - (host & 511);
+        let mut input = vec![0u8; csize as usize];
+        self.file.read(host, &mut input).await?;
+        let mut out = vec![0u8; self.geo.cluster_size() as usize];
+        if !compress::decompress(self.compression, &input, &mut out) {
+            return Err(Error::errno(libc::EIO));
+        }
+        let out = Arc::new(out);
+        if let Ok(mut cache) = self.decompressed.lock() {
+            *cache = Some((entry.raw, out.clone()));
+        }
+        Ok(out)
+    }
+
+    /// Writes guest data, allocating clusters as needed.
+    pub(super) async fn write_guest(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let mut done = 0usize;
+        if self.data_file_raw {
+            if let Some(d) = &self.data_file {
+                // Keep the raw data file consistent on its own.
+                d.write(offset, buf, WriteFlags::NONE).await?;
+            }
+        }
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let want = (buf.len() - done) as u64;
+            let (host, bytes, metas) = self.reserve(pos, want).await?;
+            let data = &buf[done..done + bytes as usize];
+            let res = if self.data_file_raw {
+                // The data is in place already; only the copy-on-write remains.
+                self.write_cow(pos, &metas).await
+            } else {
+                self.write_with_cow(pos, data, host, &metas).await
+            };
+            self.finish(&metas, res).await?;
+            done += bytes as usize;
+        }
+        Ok(())
+    }
+
+    /// Finds the host range for a write, waiting for overlapping allocations.
+    pub(super) async fn reserve(&self, pos: u64, want: u64) -> Result<(u64, u64, Vec<L2Meta>)> {
+        loop {
+            let notified = self.alloc_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let mut m = self.meta.lock().await;
+            let r = m.alloc_host_offset(pos, want).await;
+            match self.with_meta(&mut m, r).await? {
+                HostRange::Ready { host, bytes, metas } => {
+                    let r = m.overlap_check_data(host, bytes, &metas).await;
+                    if let Err(e) = r {
+                        for meta in &metas {
+                            m.alloc_abort(meta).await;
+                        }
+                        self.with_meta(&mut m, Err::<(), _>(Error::errno(libc::EIO)))
+                            .await
+                            .ok();
+                        drop(m);
+                        self.alloc_done.notify_waiters();
+                        return Err(e);
+                    }
+                    return Ok((host, bytes, metas));
+                }
+                HostRange::Wait => {
+                    drop(m);
+                    notified.await;
+                }
+            }
+        }
+    }
+
+    /// Links (or on failure, frees) the allocations of a write.
+    async fn finish(&self, metas: &[L2Meta], res: Result<()>) -> Result<()> {
+        let mut m = self.meta.lock().await;
+        let out = match res {
+            Ok(()) => {
+                let mut r = Ok(());
+                for meta in metas {
+                    if !meta.keep_old {
+                        m.data_unflushed = true;
+                    }
+                    if let Err(e) = m.link_l2(meta).await {
+                        r = Err(e);
+                        break;
+                    }
+                }
+                r
+            }
+            Err(e) => {
+                for meta in metas {
+                    m.alloc_abort(meta).await;
+                }
+                Err(e)
+            }
+        };
+        let out = self.with_meta(&mut m, out).await;
+        drop(m);
+        self.alloc_done.notify_waiters();
+        out
+    }
+
+    /// Writes `data` at `host`, together with the copy-on-write regions of `metas`
+    /// (in one write when there is one allocation around the data, as QEMU merges them).
+    async fn write_with_cow(
+        &self,
+        pos: u64,
+        data: &[u8],
+        host: u64,
+        metas: &[L2Meta],
+    ) -> Result<()> {
+        if let [m] = metas {
+            let data_start = m.offset + m.cow_start.offset + m.cow_start.bytes;
+            let data_end = m.offset + m.cow_end.offset;
+            if data_start == pos && data_end == pos + data.len() as u64 {
+                if m.cow_start.bytes == 0 && m.cow_end.bytes == 0 {
+                    return self.data().write(host, data, WriteFlags::NONE).await;
+                }
+                let total = (m.cow_start.bytes + data.len() as u64 + m.cow_end.bytes) as usize;
+                let mut merged = AlignedBuf::io(total);
+                let head = m.cow_start.bytes as usize;
+                self.read_guest(m.offset + m.cow_start.offset, &mut merged[..head])
+                    .await?;
+                merged[head..head + data.len()].copy_from_slice(data);
+                let tail_from = head + data.len();
+                self.read_guest(m.offset + m.cow_end.offset, &mut merged[tail_from..])
+                    .await?;
+                return self
+                    .data()
+                    .write(
+                        m.alloc_offset + m.cow_start.offset,
+                        &merged,
+                        WriteFlags::NONE,
+                    )
+                    .await;
+            }
+        }
+        self.data().write(host, data, WriteFlags::NONE).await?;
+        self.write_cow(pos, metas).await
+    }
+
+    /// Copies the copy-on-write regions of `metas` from the old content.
+    async fn write_cow(&self, _pos: u64, metas: &[L2Meta]) -> Result<()> {
+        for m in metas {
+            for region in [m.cow_start, m.cow_end] {
+                if region.bytes == 0 {
+                    continue;
+                }
+                let mut buf = AlignedBuf::io(region.bytes as usize);
+                self.read_guest(m.offset + region.offset, &mut buf).await?;
+                self.data()
+                    .write(m.alloc_offset + region.offset, &buf, WriteFlags::NONE)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one cluster (or the image's last, partial cluster) compressed; falls back
+    /// to a normal write when the data does not compress.
+    pub(super) async fn write_compressed_guest(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        if self.data_file.is_some() {
+            return Err(Error::unsupported(
+                "Compression is not supported with external data files",
+            ));
+        }
+        if self.geo.offset_in_cluster(offset) != 0 {
+            return Err(Error::errno(libc::EINVAL));
+        }
+        let size = self.size();
+        if buf.len() as u64 != cs && offset + buf.len() as u64 != size {
+            return Err(Error::errno(libc::EINVAL));
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let mut cluster;
+        let input: &[u8] = if buf.len() as u64 != cs {
+            cluster = vec![0u8; cs as usize];
+            cluster[..buf.len()].copy_from_slice(buf);
+            &cluster
+        } else {
+            cluster = Vec::new();
+            let _ = &cluster;
+            buf
+        };
+        let Some(out) = compress::compress(self.compression, input, cs as usize - 1) else {
+            return self.write_guest(offset, buf).await;
+        };
+        // Reserve the cluster against concurrent writers, allocate bytes, write, link.
+        let (l2, index, host, meta) = loop {
+            let notified = self.alloc_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let mut m = self.meta.lock().await;
+            let busy = m.inflight.iter().any(|x| {
+                let (s, e) = x.guest_range(cs);
+                offset < e && offset + cs > s
+            });
+            if busy {
+                drop(m);
+                notified.await;
+                continue;
+            }
+            let r = async {
+                let l2 = m.cluster_table(offset).await?;
+                let index = m.geo.l2_index(offset);
+                let e = m.l2_entry(l2, index);
+                if e.host_offset() != 0 || e.is_compressed() {
+                    return Err(Error::errno(libc::EIO));
+                }
+                let host = m.alloc_bytes(out.len() as u64).await?;
+                Ok((l2, index, host))
+            }
+            .await;
+            let (l2, index, host) = self.with_meta(&mut m, r).await?;
+            m.next_alloc_id += 1;
+            let meta = L2Meta {
+                offset,
+                alloc_offset: host,
+                nb_clusters: 1,
+                keep_old: true,
+                cow_start: Default::default(),
+                cow_end: super::cluster::CowRegion {
+                    offset: 0,
+                    bytes: cs,
+                },
+                prealloc: false,
+                id: m.next_alloc_id,
+            };
+            m.inflight.push(meta.clone());
+            break (l2, index, host, meta);
+        };
+        let res = self.file.write(host, &out, WriteFlags::NONE).await;
+        let mut m = self.meta.lock().await;
+        m.inflight.retain(|x| x.id != meta.id);
+        let r = match res {
+            Ok(()) => {
+                let nb_csectors = (host + out.len() as u64 - 1) / 512 - host / 512;
+                let entry = L2Entry {
+                    raw: OFLAG_COMPRESSED | (nb_csectors << self.geo.csize_shift()) | host,
+                    bitmap: 0,
+                };
+                m.data_unflushed = true;
+                let r = m.l2_depends_on_refcounts().await;
+                if r.is_ok() {
+                    let l2 = m.cluster_table(offset).await.unwrap_or(l2);
+                    m.set_l2_entry(l2, index, entry);
+                }
+                r
+            }
+            Err(e) => {
+                m.free_clusters(host, out.len() as u64, DiscardType::Never)
+                    .await;
+                Err(e)
+            }
+        };
+        let r = self.with_meta(&mut m, r).await;
+        drop(m);
+        self.alloc_done.notify_waiters();
+        r
+    }
+}

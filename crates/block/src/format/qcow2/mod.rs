@@ -1,0 +1,363 @@
+//! The qcow2 format driver.
+//!
+//! One file per concern: [`types`] (on-disk vocabulary), [`header`], [`meta`] (metadata
+//! state and write-back order), [`cache`], [`refcount`] (refcounts and cluster
+//! allocation), [`cluster`] (guest-to-host mapping), [`alloc`] (allocation for writes),
+//! [`io`] (the read and write paths), [`zero`] (write-zeroes and discard), [`open`],
+//! [`create`], [`snapshot`], [`check`], [`info`], [`compress`].
+//!
+//! Concurrency: metadata lives behind one async mutex ([`meta::Meta`]), held only while
+//! looking up or changing mappings; guest data moves without it, so many requests are in
+//! flight at once. Allocating writes register their clusters as in flight; a write that
+//! overlaps one waits for it to be linked ([`Qcow2::alloc_done`]).
+
+pub mod alloc;
+pub mod bitmaps;
+pub mod cache;
+pub mod check;
+pub mod cluster;
+pub mod compress;
+pub mod create;
+pub mod header;
+pub mod info;
+pub mod io;
+pub mod meta;
+pub mod open;
+pub mod overlap;
+pub mod refcount;
+pub mod resize;
+pub mod snapshot;
+pub mod types;
+pub mod zero;
+
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, RwLock};
+
+use async_trait::async_trait;
+use tokio::sync::{Mutex, Notify};
+
+use crate::error::{Error, Result};
+use crate::info::{CheckReport, FormatInfo, RepairMode, SnapshotInfo};
+use crate::node::{
+    BlockDriver, BlockStatus, ChildRole, HostMapping, NodeRef, Prealloc, WriteFlags,
+};
+
+use meta::Meta;
+pub use open::Qcow2Options;
+use types::*;
+
+/// An open qcow2 image.
+pub struct Qcow2 {
+    meta: Mutex<Meta>,
+    /// Woken whenever an in-flight allocation is linked or aborted.
+    alloc_done: Notify,
+    file: NodeRef,
+    data_file: Option<NodeRef>,
+    backing: RwLock<Option<NodeRef>>,
+    geo: Geometry,
+    size: AtomicU64,
+    read_only: bool,
+    compression: CompressionType,
+    dead: AtomicBool,
+    data_file_raw: bool,
+    version: u32,
+    /// The last decompressed cluster (its compressed descriptor and data).
+    decompressed: StdMutex<Option<(u64, Arc<Vec<u8>>)>>,
+}
+
+impl Qcow2 {
+    /// Opens the qcow2 image stored in `file`.
+    pub async fn open(file: NodeRef, opts: Qcow2Options) -> Result<Arc<Qcow2>> {
+        let mut meta = open::load(&file, &opts).await?;
+        let has_data_file = meta.has_data_file();
+        if has_data_file && opts.data_file.is_none() && !opts.no_io {
+            return Err(Error::invalid("'data-file' is required for this image"));
+        }
+        let q = Arc::new(Qcow2 {
+            geo: meta.geo,
+            size: AtomicU64::new(meta.h.size),
+            read_only: opts.read_only,
+            compression: CompressionType::from_byte(meta.h.compression_type)
+                .unwrap_or(CompressionType::Zlib),
+            dead: AtomicBool::new(false),
+            data_file_raw: meta.h.autoclear_features & autoclear::DATA_FILE_RAW != 0,
+            version: meta.h.version,
+            file: file.clone(),
+            data_file: opts.data_file.clone(),
+            backing: RwLock::new(None),
+            alloc_done: Notify::new(),
+            decompressed: StdMutex::new(None),
+            meta: Mutex::new({
+                meta.no_flush = opts.no_flush;
+                meta
+            }),
+        });
+        if !opts.read_only && !opts.no_io {
+            q.prepare_for_writing(&opts).await?;
+        }
+        Ok(q)
+    }
+
+    async fn prepare_for_writing(&self, opts: &Qcow2Options) -> Result<()> {
+        let mut m = self.meta.lock().await;
+        let dirty = m.h.incompatible_features & incompat::DIRTY != 0;
+        if dirty && !opts.check {
+            drop(m);
+            let report = check::check(
+                self,
+                RepairMode {
+                    leaks: true,
+                    errors: true,
+                },
+            )
+            .await?;
+            if report.check_errors > 0 || report.corruptions > 0 {
+                return Err(Error::corrupt("Could not repair dirty image"));
+            }
+            m = self.meta.lock().await;
+            m.h.incompatible_features &= !incompat::DIRTY;
+            m.write_header().await?;
+        }
+        // Unknown auto-clear bits are cleared before the first write.
+        if m.h.autoclear_features & !autoclear::KNOWN != 0 {
+            m.h.autoclear_features &= autoclear::KNOWN;
+            m.write_header().await?;
+        }
+        Ok(())
+    }
+
+    /// Attaches (or detaches) the backing node.
+    pub async fn set_backing(&self, node: Option<NodeRef>) {
+        let has = node.is_some();
+        if let Ok(mut b) = self.backing.write() {
+            *b = node;
+        }
+        self.meta.lock().await.has_backing = has;
+    }
+
+    fn backing_node(&self) -> Option<NodeRef> {
+        self.backing.read().ok().and_then(|b| b.clone())
+    }
+
+    /// The backing file name and format recorded in the header.
+    pub async fn backing_spec(&self) -> (Option<String>, Option<String>) {
+        let m = self.meta.lock().await;
+        (m.h.backing_file.clone(), m.h.backing_format.clone())
+    }
+
+    /// The external data file name recorded in the header, if any.
+    pub async fn data_file_name(&self) -> Option<String> {
+        let m = self.meta.lock().await;
+        if m.has_data_file() {
+            m.h.data_file.clone()
+        } else {
+            None
+        }
+    }
+
+    /// The node that holds guest data (the external data file, or the image file).
+    fn data(&self) -> &NodeRef {
+        self.data_file.as_ref().unwrap_or(&self.file)
+    }
+
+    /// The image geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    /// The image's compression type.
+    pub fn compression_type(&self) -> CompressionType {
+        self.compression
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        if self.dead.load(Ordering::Acquire) {
+            return Err(Error::errno(libc::ENOMEDIUM));
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        self.check_alive()?;
+        if self.read_only {
+            return Err(Error::errno(libc::EACCES));
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the locked metadata, marking the node dead if `f` reported a fatal
+    /// corruption.
+    async fn with_meta<T>(&self, m: &mut Meta, r: Result<T>) -> Result<T> {
+        if m.dead {
+            self.dead.store(true, Ordering::Release);
+        }
+        r
+    }
+}
+
+#[async_trait]
+impl BlockDriver for Qcow2 {
+    fn driver_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn filename(&self) -> String {
+        self.file.filename()
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn children(&self) -> Vec<(ChildRole, NodeRef)> {
+        let mut v = vec![(ChildRole::File, self.file.clone())];
+        if let Some(b) = self.backing_node() {
+            v.push((ChildRole::Backing, b));
+        }
+        if let Some(d) = &self.data_file {
+            v.push((ChildRole::DataFile, d.clone()));
+        }
+        v
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_alive()?;
+        self.read_guest(offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        self.check_writable()?;
+        self.write_guest(offset, buf).await?;
+        if flags.fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
+        self.check_writable()?;
+        self.write_zeroes_guest(offset, len, flags).await?;
+        if flags.fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        self.write_compressed_guest(offset, buf).await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.discard_guest(offset, len).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        if self.read_only || self.dead.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        {
+            let mut m = self.meta.lock().await;
+            let r = m.flush_caches().await;
+            self.with_meta(&mut m, r).await?;
+            m.data_unflushed = false;
+        }
+        if let Some(d) = &self.data_file {
+            d.flush().await?;
+        }
+        self.file.flush().await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        self.check_alive()?;
+        let mapping = {
+            let mut m = self.meta.lock().await;
+            let r = m.get_host_offset(offset, len).await;
+            self.with_meta(&mut m, r).await?
+        };
+        let mut st = BlockStatus {
+            len: mapping.len.min(len),
+            ..Default::default()
+        };
+        if mapping.ty.has_host() {
+            st.host = Some(HostMapping {
+                node: Some(self.data().clone()),
+                offset: mapping.host,
+            });
+        }
+        if mapping.ty.is_zero() {
+            st.zero = true;
+        } else if !mapping.ty.is_unallocated() {
+            st.data = true;
+        }
+        st.allocated = st.zero || st.data;
+        if mapping.ty == ScType::Compressed {
+            st.compressed = true;
+        }
+        if self.data_file_raw && st.data {
+            st.recurse = true;
+        }
+        Ok(st)
+    }
+
+    async fn truncate(&self, size: u64, _exact: bool, prealloc: Prealloc) -> Result<()> {
+        self.check_writable()?;
+        self.resize(size, prealloc).await
+    }
+
+    fn supports_backing(&self) -> bool {
+        true
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.read_only || self.dead.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut m = self.meta.lock().await;
+        m.flush_caches().await?;
+        if m.h.incompatible_features & incompat::DIRTY != 0 {
+            m.sync().await?;
+            m.h.incompatible_features &= !incompat::DIRTY;
+            m.write_header().await?;
+        }
+        Ok(())
+    }
+
+    async fn allocated_size(&self) -> Option<u64> {
+        self.file.allocated_size().await
+    }
+
+    async fn format_info(&self) -> Result<FormatInfo> {
+        info::format_info(self).await
+    }
+
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let m = self.meta.lock().await;
+        Ok(m.snapshots
+            .iter()
+            .map(|s| SnapshotInfo {
+                id: s.id.clone(),
+                name: s.name.clone(),
+                vm_state_size: s.vm_state_size,
+                date_sec: s.date_sec,
+                date_nsec: s.date_nsec,
+                vm_clock_nsec: s.vm_clock_nsec,
+                icount: s.icount,
+            })
+            .collect())
+    }
+
+    async fn check(&self, repair: RepairMode) -> Result<CheckReport> {
+        check::check(self, repair).await
+    }
+}

@@ -1,0 +1,347 @@
+//! Opening a qcow2 image: the header checks QEMU makes (in QEMU's order, with its
+//! messages), loading the L1 and refcount tables and the snapshot table, and repairing
+//! an image left dirty by lazy refcounts.
+
+use rqemu_opts::KeyVal;
+
+use crate::buffer::AlignedBuf;
+use crate::error::{Error, Result};
+use crate::node::NodeRef;
+
+use super::cache::TableCache;
+use super::header::Header;
+use super::meta::Meta;
+use super::snapshot;
+use super::types::*;
+
+/// Options of a qcow2 node (the QEMU runtime options rqemu honours).
+#[derive(Clone, Default)]
+pub struct Qcow2Options {
+    /// Open for reading only.
+    pub read_only: bool,
+    /// Ignore flushes (`cache=unsafe`).
+    pub no_flush: bool,
+    /// Opened by `check`: corrupt images may be opened for repair, no repair on open.
+    pub check: bool,
+    /// Only metadata will be read: the data file need not be there.
+    pub no_io: bool,
+    /// `lazy-refcounts=on|off` override.
+    pub lazy_refcounts: Option<bool>,
+    /// `pass-discard-request`, `-snapshot`, `-other`.
+    pub pass_discard: [Option<bool>; 3],
+    /// External data file node (opened by the caller), when the image uses one.
+    pub data_file: Option<NodeRef>,
+    /// L2 cache size in bytes.
+    pub l2_cache_size: Option<u64>,
+    /// Refcount cache size in bytes.
+    pub refcount_cache_size: Option<u64>,
+}
+
+impl Qcow2Options {
+    /// Takes the qcow2 runtime options out of `kv` (unknown keys are left for the caller
+    /// to report).
+    pub fn take_from(kv: &mut KeyVal) -> Result<Qcow2Options> {
+        let mut o = Qcow2Options::default();
+        let bool_of = |k: &str, v: String| -> Result<bool> {
+            rqemu_opts::bool_opt(&v)
+                .ok_or_else(|| Error::invalid(format!("Parameter '{k}' expects 'on' or 'off'")))
+        };
+        if let Some(v) = kv.take("lazy-refcounts") {
+            o.lazy_refcounts = Some(bool_of("lazy-refcounts", v)?);
+        }
+        for (i, k) in [
+            "pass-discard-request",
+            "pass-discard-snapshot",
+            "pass-discard-other",
+        ]
+        .iter()
+        .enumerate()
+        {
+            if let Some(v) = kv.take(k) {
+                o.pass_discard[i] = Some(bool_of(k, v)?);
+            }
+        }
+        for k in ["l2-cache-size", "refcount-cache-size", "cache-size"] {
+            if let Some(v) = kv.take(k) {
+                let n = rqemu_opts::parse_size(&v, 1).map_err(|_| {
+                    Error::invalid(format!(
+                        "Parameter '{k}' expects a non-negative number below 2^64"
+                    ))
+                })?;
+                match k {
+                    "l2-cache-size" => o.l2_cache_size = Some(n),
+                    "refcount-cache-size" => o.refcount_cache_size = Some(n),
+                    _ => {
+                        o.l2_cache_size.get_or_insert(n);
+                    }
+                }
+            }
+        }
+        // Accepted for compatibility; rqemu's choices are fixed.
+        for k in [
+            "l2-cache-entry-size",
+            "cache-clean-interval",
+            "overlap-check",
+        ] {
+            kv.take(k);
+        }
+        let overlap: Vec<String> = kv
+            .keys()
+            .filter(|k| k.starts_with("overlap-check."))
+            .map(|k| k.to_string())
+            .collect();
+        for k in overlap {
+            kv.take(&k);
+        }
+        Ok(o)
+    }
+}
+
+fn table_offset_valid(geo: &Geometry, offset: u64, entries: u64, entry_len: u64) -> bool {
+    let Some(size) = entries.checked_mul(entry_len) else {
+        return false;
+    };
+    if size > i64::MAX as u64 || (i64::MAX as u64 - size) < offset {
+        return false;
+    }
+    geo.offset_in_cluster(offset) == 0
+}
+
+/// Names of the unknown incompatible features set, as QEMU reports them.
+fn unsupported_features(h: &Header, unknown: u64) -> String {
+    let mut parts = Vec::new();
+    let mut rest = unknown;
+    for f in &h.feature_table {
+        if f.kind == 0 && f.bit < 64 && rest & (1 << f.bit) != 0 {
+            parts.push(f.name.clone());
+            rest &= !(1 << f.bit);
+        }
+    }
+    if rest != 0 {
+        parts.push(format!("Unknown incompatible feature: {rest:x}"));
+    }
+    parts.join(", ")
+}
+
+/// Reads and validates the metadata of the image in `file`.
+pub(super) async fn load(file: &NodeRef, opts: &Qcow2Options) -> Result<Meta> {
+    let mut first = AlignedBuf::io(4096);
+    file.read(0, &mut first)
+        .await
+        .map_err(|e| Error::other(format!("Could not read qcow2 header: {e}"), e.errno_value()))?;
+    let mut h = Header::parse(&first)?;
+    let cs = h.geometry().cluster_size();
+    let mut cluster0 = first;
+    if cs > 4096 {
+        cluster0 = AlignedBuf::io(cs as usize);
+        file.read(0, &mut cluster0).await?;
+        h = Header::parse(&cluster0)?;
+    }
+    if h.incompatible_features & !incompat::KNOWN != 0 {
+        // Read the feature names (ignoring other extension errors) for the message.
+        let mut probe = h.clone();
+        let end = probe.extensions_end();
+        let _ = probe.parse_extensions(&cluster0, end);
+        return Err(Error::unsupported(format!(
+            "Unsupported qcow2 feature(s): {}",
+            unsupported_features(&probe, h.incompatible_features & !incompat::KNOWN)
+        )));
+    }
+    if h.incompatible_features & incompat::CORRUPT != 0 && !opts.read_only && !opts.check {
+        return Err(Error::Permission {
+            msg: "qcow2: Image is corrupt; cannot be opened read/write".into(),
+            errno: libc::EACCES,
+        });
+    }
+    if h.incompatible_features & incompat::EXTL2 != 0 && h.cluster_bits < 14 {
+        return Err(Error::invalid(
+            "The cluster size must be at least 16 KiB for images with extended L2 entries",
+        ));
+    }
+    if h.refcount_order > 6 {
+        return Err(Error::invalid(
+            "Reference count entry width too large; may not exceed 64 bits",
+        ));
+    }
+    let geo = h.geometry();
+    if CompressionType::from_byte(h.compression_type).is_none() {
+        return Err(Error::unsupported(format!(
+            "qcow2: unknown compression type: {}",
+            h.compression_type
+        )));
+    }
+    let compression_bit = h.incompatible_features & incompat::COMPRESSION != 0;
+    if h.compression_type == 0 && compression_bit {
+        return Err(Error::invalid(
+            "qcow2: Compression type incompatible feature bit must not be set",
+        ));
+    }
+    if h.compression_type != 0 && !compression_bit {
+        return Err(Error::invalid(
+            "qcow2: Compression type incompatible feature bit must be set",
+        ));
+    }
+    if h.crypt_method > 2 {
+        return Err(Error::invalid(format!(
+            "Unsupported encryption method: {}",
+            h.crypt_method
+        )));
+    }
+    if h.crypt_method != 0 {
+        return Err(Error::unsupported(
+            "Encrypted qcow2 images are not supported by this build of rqemu",
+        ));
+    }
+    if h.refcount_table_clusters == 0 && !opts.check {
+        return Err(Error::invalid(
+            "Image does not contain a reference count table",
+        ));
+    }
+    if h.refcount_table_clusters as u64 > MAX_REFTABLE_BYTES / cs {
+        return Err(Error::invalid("Reference count table too large"));
+    }
+    if !table_offset_valid(
+        &geo,
+        h.refcount_table_offset,
+        h.refcount_table_clusters as u64,
+        cs,
+    ) {
+        return Err(Error::invalid("Reference count table offset invalid"));
+    }
+    if h.nb_snapshots > MAX_SNAPSHOTS {
+        return Err(Error::invalid("Snapshot table too large"));
+    }
+    if !table_offset_valid(&geo, h.snapshots_offset, h.nb_snapshots as u64, 40) {
+        return Err(Error::invalid("Snapshot table offset invalid"));
+    }
+    if h.l1_size as u64 > MAX_L1_BYTES / 8 {
+        return Err(Error::invalid("Active L1 table too large"));
+    }
+    let vm_state_index = geo.l1_entries_for(h.size);
+    if vm_state_index > i32::MAX as u64 {
+        return Err(Error::invalid("Image is too big"));
+    }
+    if (h.l1_size as u64) < vm_state_index {
+        return Err(Error::invalid("L1 table is too small"));
+    }
+    if !table_offset_valid(&geo, h.l1_table_offset, h.l1_size as u64, 8) {
+        return Err(Error::invalid("Active L1 table offset invalid"));
+    }
+    let l1 = read_u64_table(file, h.l1_table_offset, h.l1_size as u64)
+        .await
+        .map_err(|e| Error::other(format!("Could not read L1 table: {e}"), e.errno_value()))?;
+    let reftable_entries = h.refcount_table_clusters as u64 * cs / 8;
+    let reftable = read_u64_table(file, h.refcount_table_offset, reftable_entries)
+        .await
+        .map_err(|e| {
+            Error::other(
+                format!("Could not initialize refcount handling: {e}"),
+                e.errno_value(),
+            )
+        })?;
+    let end = h.extensions_end();
+    h.parse_extensions(&cluster0, end)?;
+    let has_data_file = h.incompatible_features & incompat::DATA_FILE != 0;
+    if !has_data_file && opts.data_file.is_some() {
+        return Err(Error::invalid(
+            "'data-file' can only be set for images with an external data file",
+        ));
+    }
+    if h.autoclear_features & autoclear::DATA_FILE_RAW != 0 && !has_data_file {
+        return Err(Error::invalid("data-file-raw requires a data file"));
+    }
+    h.parse_backing_name(&cluster0)?;
+    let snapshots = read_snapshots(file, &h).await?;
+
+    let l2_bytes = opts.l2_cache_size.unwrap_or_else(|| {
+        // QEMU's default: enough to cover the whole disk, at most 32 MiB.
+        let needed = vm_state_index * cs;
+        needed.clamp(2 * cs, 32 << 20)
+    });
+    let rb_bytes = opts
+        .refcount_cache_size
+        .unwrap_or((l2_bytes / 4).max(4 * cs));
+    let lazy = opts
+        .lazy_refcounts
+        .unwrap_or(h.compatible_features & compat::LAZY_REFCOUNTS != 0);
+    if lazy && h.version < 3 && !opts.read_only {
+        return Err(Error::invalid(
+            "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
+        ));
+    }
+    let mut meta = Meta {
+        geo,
+        file: file.clone(),
+        l1,
+        reftable,
+        max_reftable_index: 0,
+        l2_cache: TableCache::new((l2_bytes / cs) as usize),
+        rb_cache: TableCache::new((rb_bytes / cs) as usize),
+        free_cluster_index: 0,
+        free_byte_offset: 0,
+        l2_after_refcounts: false,
+        refcounts_after_l2: false,
+        data_unflushed: false,
+        no_flush: opts.no_flush,
+        snapshots,
+        lazy_refcounts: lazy,
+        discard_passthrough: [
+            false,
+            opts.pass_discard[0].unwrap_or(true),
+            opts.pass_discard[1].unwrap_or(true),
+            opts.pass_discard[2].unwrap_or(false),
+        ],
+        pending_discards: Vec::new(),
+        pending_data_discards: Vec::new(),
+        data_file: opts.data_file.clone(),
+        cache_discards: false,
+        read_only: opts.read_only,
+        dead: false,
+        corruption_reported: false,
+        inflight: Vec::new(),
+        next_alloc_id: 0,
+        has_backing: false,
+        overlap: Default::default(),
+        h,
+    };
+    meta.update_max_reftable_index();
+    Ok(meta)
+}
+
+/// Reads `entries` big-endian u64s at `offset`.
+pub(super) async fn read_u64_table(file: &NodeRef, offset: u64, entries: u64) -> Result<Vec<u64>> {
+    let bytes = entries * 8;
+    let mut buf = AlignedBuf::io(bytes.div_ceil(512) as usize * 512);
+    file.read(offset, &mut buf[..bytes as usize]).await?;
+    Ok(buf[..bytes as usize]
+        .chunks_exact(8)
+        .map(|c| be64(c, 0))
+        .collect())
+}
+
+async fn read_snapshots(file: &NodeRef, h: &Header) -> Result<Vec<snapshot::Snapshot>> {
+    if h.nb_snapshots == 0 {
+        return Ok(Vec::new());
+    }
+    // Entries are variable-sized: read a chunk, grow it as needed (bounded by the
+    // largest possible entry per snapshot).
+    let max_entry = 40 + snapshot::MAX_EXTRA_DATA as u64 + 2 * 65535;
+    let limit = (h.nb_snapshots as u64 * max_entry).min(64 << 20);
+    let mut want = (h.nb_snapshots as u64 * 128).min(limit);
+    loop {
+        let mut buf = vec![0u8; want as usize];
+        file.read(h.snapshots_offset, &mut buf).await.map_err(|e| {
+            Error::other(
+                format!("Failed to read snapshot table: {e}"),
+                e.errno_value(),
+            )
+        })?;
+        match snapshot::parse_table(&buf, h.nb_snapshots, h.size) {
+            Ok(s) => return Ok(s),
+            Err(e) if want < limit && e.to_string() == "Failed to read snapshot table" => {
+                want = (want * 2).min(limit);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

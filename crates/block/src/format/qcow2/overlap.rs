@@ -1,0 +1,176 @@
+//! Metadata overlap checks: refuse data writes that would land on image metadata (a sign
+//! of corrupt mappings), marking the image corrupt as QEMU does.
+
+use std::collections::HashMap;
+
+use crate::error::Result;
+
+use super::cluster::L2Meta;
+use super::meta::Meta;
+use super::types::*;
+
+/// Kinds of metadata, in the order (and with the names) QEMU reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum MetaKind {
+    Header,
+    ActiveL1,
+    RefcountTable,
+    SnapshotTable,
+    InactiveL1,
+    ActiveL2,
+    RefcountBlock,
+    BitmapDirectory,
+}
+
+impl MetaKind {
+    fn name(self) -> &'static str {
+        match self {
+            MetaKind::Header => "qcow2_header",
+            MetaKind::ActiveL1 => "active L1 table",
+            MetaKind::ActiveL2 => "active L2 table",
+            MetaKind::RefcountTable => "refcount table",
+            MetaKind::RefcountBlock => "refcount block",
+            MetaKind::SnapshotTable => "snapshot table",
+            MetaKind::InactiveL1 => "inactive L1 table",
+            MetaKind::BitmapDirectory => "bitmap directory",
+        }
+    }
+}
+
+/// Which host clusters hold metadata, rebuilt when the tables change.
+#[derive(Default)]
+pub(super) struct OverlapIndex {
+    generation: u64,
+    built_for: Option<u64>,
+    clusters: HashMap<u64, MetaKind>,
+}
+
+impl OverlapIndex {
+    /// Notes that metadata locations changed.
+    pub fn invalidate(&mut self) {
+        self.generation += 1;
+    }
+}
+
+impl Meta {
+    fn rebuild_overlap_index(&mut self) {
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let mut map: HashMap<u64, MetaKind> = HashMap::new();
+        let add_range =
+            |map: &mut HashMap<u64, MetaKind>, off: u64, len: u64, kind: MetaKind| {
+                if len == 0 {
+                    return;
+                }
+                let first = off / cs;
+                let last = (off + len - 1) / cs;
+                // Bound the work for absurd (corrupt) ranges.
+                for c in first..=last.min(first + (64 << 20) / cs) {
+                    let e = map.entry(c).or_insert(kind);
+                    if kind < *e {
+                        *e = kind;
+                    }
+                }
+            };
+        add_range(&mut map, 0, cs, MetaKind::Header);
+        add_range(
+            &mut map,
+            self.h.l1_table_offset,
+            self.l1.len() as u64 * 8,
+            MetaKind::ActiveL1,
+        );
+        for e in &self.l1 {
+            let off = e & L1E_OFFSET_MASK;
+            if off != 0 {
+                add_range(&mut map, off, cs, MetaKind::ActiveL2);
+            }
+        }
+        add_range(
+            &mut map,
+            self.h.refcount_table_offset,
+            self.h.refcount_table_clusters as u64 * cs,
+            MetaKind::RefcountTable,
+        );
+        for e in &self.reftable {
+            let off = e & REFT_OFFSET_MASK;
+            if off != 0 {
+                add_range(&mut map, off, cs, MetaKind::RefcountBlock);
+            }
+        }
+        if self.h.nb_snapshots > 0 {
+            let len: u64 = self.snapshots.iter().map(|s| s.encoded_len() as u64).sum();
+            add_range(
+                &mut map,
+                self.h.snapshots_offset,
+                len,
+                MetaKind::SnapshotTable,
+            );
+        }
+        for s in &self.snapshots {
+            add_range(
+                &mut map,
+                s.l1_table_offset,
+                s.l1_size as u64 * 8,
+                MetaKind::InactiveL1,
+            );
+        }
+        if let Some(b) = self.h.bitmaps.filter(|_| self.h.autoclear_features & autoclear::BITMAPS != 0) {
+            add_range(
+                &mut map,
+                b.directory_offset,
+                b.directory_size,
+                MetaKind::BitmapDirectory,
+            );
+        }
+        self.overlap.clusters = map;
+        self.overlap.built_for = Some(self.overlap.generation);
+    }
+
+    /// The first kind of metadata `[offset, offset + len)` touches.
+    pub(super) fn overlaps_metadata(&mut self, offset: u64, len: u64) -> Option<MetaKind> {
+        if len == 0 {
+            return None;
+        }
+        if self.overlap.built_for != Some(self.overlap.generation) {
+            self.rebuild_overlap_index();
+        }
+        let cs = self.geo.cluster_size();
+        let first = offset / cs;
+        let last = (offset + len - 1) / cs;
+        (first..=last)
+            .filter_map(|c| self.overlap.clusters.get(&c).copied())
+            .min()
+    }
+
+    /// Refuses a data write (and its copy-on-write regions) that overlaps metadata.
+    pub(super) async fn overlap_check_data(
+        &mut self,
+        host: u64,
+        bytes: u64,
+        metas: &[L2Meta],
+    ) -> Result<()> {
+        if self.has_data_file() {
+            return Ok(());
+        }
+        let mut hit = self.overlaps_metadata(host, bytes);
+        for m in metas {
+            let start = m.alloc_offset + m.cow_start.offset;
+            let end = m.alloc_offset + m.cow_end.offset + m.cow_end.bytes;
+            if let Some(k) = self.overlaps_metadata(start, end - start) {
+                hit = Some(hit.map_or(k, |h| h.min(k)));
+            }
+        }
+        if let Some(kind) = hit {
+            return Err(self
+                .signal_corruption(
+                    true,
+                    format!(
+                        "Preventing invalid write on metadata (overlaps with {})",
+                        kind.name()
+                    ),
+                )
+                .await);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,206 @@
+//! Resizing: growing the L1 table (with optional preallocation of the new area, placed
+//! as QEMU places it) and shrinking (dropping clusters past the end and trimming the
+//! file).
+
+use std::sync::atomic::Ordering;
+
+use crate::error::{Error, Result};
+use crate::node::BlockDriver;
+use crate::node::{Prealloc, WriteFlags};
+
+use super::cluster::{CowRegion, L2Meta};
+use super::meta::DiscardType;
+use super::Qcow2;
+
+impl Qcow2 {
+    /// Changes the virtual size to `size`.
+    pub(super) async fn resize(&self, size: u64, prealloc: Prealloc) -> Result<()> {
+        let old = self.size();
+        if size % 512 != 0 {
+            return Err(Error::invalid("The new size must be a multiple of 512"));
+        }
+        {
+            let m = self.meta.lock().await;
+            if !m.snapshots.is_empty() {
+                return Err(Error::unsupported(
+                    "Can't resize an image which has snapshots",
+                ));
+            }
+        }
+        if size < old {
+            if prealloc != Prealloc::Off {
+                return Err(Error::unsupported(
+                    "Preallocation can't be used for shrinking an image",
+                ));
+            }
+            self.shrink(size, old).await?;
+        } else {
+            let mut m = self.meta.lock().await;
+            let l1 = m.geo.l1_entries_for(size);
+            let r = m.grow_l1(l1, true).await;
+            self.with_meta(&mut m, r).await?;
+            drop(m);
+            match prealloc {
+                Prealloc::Off => {}
+                Prealloc::Metadata => self.preallocate_metadata(old, size).await?,
+                Prealloc::Falloc | Prealloc::Full => {
+                    self.preallocate_data(old, size, prealloc).await?
+                }
+            }
+        }
+        let mut m = self.meta.lock().await;
+        m.h.size = size;
+        m.file
+            .write(24, &size.to_be_bytes(), WriteFlags::NONE)
+            .await?;
+        m.sync().await?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
+    }
+
+    async fn shrink(&self, size: u64, old: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let start = size.div_ceil(cs) * cs;
+        let mut m = self.meta.lock().await;
+        if start < old {
+            let r = m
+                .discard_clusters(start, old - start, DiscardType::Other, true)
+                .await;
+            self.with_meta(&mut m, r).await.map_err(|e| {
+                Error::other(
+                    format!("Failed to discard cropped clusters: {e}"),
+                    e.errno_value(),
+                )
+            })?;
+        }
+        let new_l1 = m.geo.l1_entries_for(size);
+        let r = m.shrink_l1(new_l1).await;
+        self.with_meta(&mut m, r).await.map_err(|e| {
+            Error::other(
+                format!("Failed to reduce the number of L2 tables: {e}"),
+                e.errno_value(),
+            )
+        })?;
+        m.flush_caches().await?;
+        let file_len = m.file.size();
+        if let Some(last) = m.last_used_cluster(file_len).await? {
+            let end = (last + 1) * cs;
+            if end < file_len {
+                if let Err(e) = m.file.truncate(end, false, Prealloc::Off).await {
+                    eprintln!("warning: Failed to truncate the tail of the image: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `preallocation=metadata`: map every new cluster, writing no data.
+    pub(super) async fn preallocate_metadata(&self, from: u64, to: u64) -> Result<()> {
+        let mut pos = from;
+        let mut last_end = 0u64;
+        while pos < to {
+            let (host, bytes, metas) = self.reserve(pos, to - pos).await?;
+            let mut m = self.meta.lock().await;
+            let mut r = Ok(());
+            for mut meta in metas {
+                meta.prealloc = true;
+                if r.is_ok() {
+                    r = m.link_l2(&meta).await;
+                } else {
+                    m.alloc_abort(&meta).await;
+                }
+            }
+            self.with_meta(&mut m, r).await?;
+            drop(m);
+            self.alloc_done.notify_waiters();
+            last_end = host + bytes;
+            pos += bytes;
+        }
+        // The file must contain every allocated cluster in full.
+        let last_end = last_end.div_ceil(self.geo.cluster_size()) * self.geo.cluster_size();
+        let data = self.data().clone();
+        if last_end > data.size() {
+            data.truncate(last_end, false, Prealloc::Off).await?;
+        }
+        Ok(())
+    }
+
+    /// `preallocation=falloc|full`: new refcount structures and all data clusters in
+    /// one contiguous area at the end of the file, then L2 entries pointing into it.
+    async fn preallocate_data(&self, from: u64, to: u64, mode: Prealloc) -> Result<()> {
+        if self.data_file.is_some() {
+            self.preallocate_metadata(from, to).await?;
+            let d = self.data().clone();
+            if d.size() < to {
+                d.truncate(to, false, mode).await?;
+            }
+            return Ok(());
+        }
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let mut m = self.meta.lock().await;
+        let file_len = m.file.size();
+        let old_file_size = match m.last_used_cluster(file_len).await? {
+            Some(last) => (last + 1) * cs,
+            None => file_len.div_ceil(cs) * cs,
+        };
+        let nb_data = (to.div_ceil(cs) * cs - geo.cluster_start(from)) >> geo.cluster_bits;
+        let nb_l2 = nb_data.div_ceil(geo.l2_entries()) + 1;
+        let r = m
+            .refcount_area(old_file_size, nb_data + nb_l2, true, None)
+            .await;
+        let start = self.with_meta(&mut m, r).await?;
+        let got = m.alloc_clusters_at(start, nb_data).await?;
+        if got != nb_data {
+            return Err(Error::errno(libc::ENOSPC));
+        }
+        drop(m);
+        self.file
+            .truncate(start + nb_data * cs, false, mode)
+            .await?;
+        let mut metas = Vec::new();
+        let mut host = start;
+        let mut guest = from;
+        let mut left = nb_data;
+        while left > 0 {
+            let n = left.min(geo.l2_entries() - geo.l2_index(guest));
+            metas.push(L2Meta {
+                offset: geo.cluster_start(guest),
+                alloc_offset: host,
+                nb_clusters: n,
+                keep_old: false,
+                cow_start: CowRegion {
+                    offset: 0,
+                    bytes: geo.offset_in_cluster(guest),
+                },
+                cow_end: CowRegion {
+                    offset: n << geo.cluster_bits,
+                    bytes: 0,
+                },
+                // With subclusters the new area stays unallocated (reading zeroes, or the
+                // backing file); only the clusters are reserved.
+                prealloc: geo.extended_l2,
+                id: 0,
+            });
+            guest = geo.cluster_start(guest) + (n << geo.cluster_bits);
+            host += n << geo.cluster_bits;
+            left -= n;
+        }
+        // The old part of a partial first cluster moves into the new cluster.
+        if let Some(first) = metas.first() {
+            if first.cow_start.bytes > 0 {
+                let mut buf = crate::buffer::AlignedBuf::io(first.cow_start.bytes as usize);
+                self.read_guest(first.offset, &mut buf).await?;
+                self.file
+                    .write(first.alloc_offset, &buf, WriteFlags::NONE)
+                    .await?;
+            }
+        }
+        let mut m = self.meta.lock().await;
+        for meta in &metas {
+            let r = m.link_l2(meta).await;
+            self.with_meta(&mut m, r).await?;
+        }
+        Ok(())
+    }
+}

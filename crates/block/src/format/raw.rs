@@ -1,0 +1,185 @@
+//! The `raw` format: the guest sees the file's bytes directly, optionally a window of them
+//! (`offset=`, `size=`).
+//!
+//! A raw image whose format was probed rather than named may not have its first sector
+//! rewritten into something that probes as another format (QEMU's guard against a guest
+//! turning its disk into, say, a qcow2 header that points at host files).
+
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+
+use crate::error::{Error, Result};
+use crate::node::{
+    BlockDriver, BlockStatus, ChildRole, HostMapping, NodeRef, Prealloc, WriteFlags,
+};
+
+/// Bytes at the start of an image that format probing looks at.
+pub const PROBE_BYTES: usize = 512;
+
+/// A raw format node.
+pub struct RawNode {
+    file: NodeRef,
+    offset: u64,
+    /// Fixed size if `size=` was given, else follows the file.
+    fixed_size: Option<u64>,
+    probed: bool,
+    size_cache: AtomicU64,
+}
+
+impl RawNode {
+    /// A raw node over `file`; `probed` enables the sector-0 guard.
+    pub fn new(file: NodeRef, offset: u64, size: Option<u64>, probed: bool) -> Result<RawNode> {
+        let file_len = file.size();
+        if offset > file_len && size.is_none() {
+            return Err(Error::invalid("The sum of offset and size of the raw node must not exceed the size of the underlying file"));
+        }
+        if let Some(s) = size {
+            if offset.checked_add(s).is_none_or(|end| end > file_len) && !file.read_only() {
+                // QEMU allows a window beyond the end only for growable protocols.
+            }
+        }
+        Ok(RawNode {
+            size_cache: AtomicU64::new(size.unwrap_or(file_len.saturating_sub(offset))),
+            file,
+            offset,
+            fixed_size: size,
+            probed,
+        })
+    }
+
+    fn current_size(&self) -> u64 {
+        match self.fixed_size {
+            Some(s) => s,
+            None => {
+                let s = self.file.size().saturating_sub(self.offset);
+                self.size_cache.store(s, Ordering::Relaxed);
+                s
+            }
+        }
+    }
+
+    async fn check_sector0(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        if !self.probed || offset >= PROBE_BYTES as u64 {
+            return Ok(());
+        }
+        let mut head = vec![0u8; PROBE_BYTES];
+        let avail = self.current_size().min(PROBE_BYTES as u64) as usize;
+        self.file.read(self.offset, &mut head[..avail]).await?;
+        let start = offset as usize;
+        let n = buf.len().min(PROBE_BYTES - start);
+        head[start..start + n].copy_from_slice(&buf[..n]);
+        let probed = crate::probe::probe_format(&head, "");
+        if probed != "raw" {
+            return Err(Error::Permission {
+                msg: crate::error::strerror(libc::EPERM),
+                errno: libc::EPERM,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlockDriver for RawNode {
+    fn driver_name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn filename(&self) -> String {
+        self.file.filename()
+    }
+
+    fn size(&self) -> u64 {
+        self.current_size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.file.read_only()
+    }
+
+    fn alignment(&self) -> crate::node::Alignment {
+        self.file.alignment()
+    }
+
+    fn children(&self) -> Vec<(ChildRole, NodeRef)> {
+        vec![(ChildRole::File, self.file.clone())]
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.file.read(self.offset + offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        self.check_sector0(offset, buf).await?;
+        self.file.write(self.offset + offset, buf, flags).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
+        if self.probed && offset < PROBE_BYTES as u64 {
+            let n = (PROBE_BYTES as u64 - offset).min(len) as usize;
+            self.check_sector0(offset, &vec![0u8; n]).await?;
+        }
+        self.file
+            .write_zeroes(self.offset + offset, len, flags)
+            .await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.file.discard(self.offset + offset, len).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.file.flush().await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let mut st = self.file.block_status(self.offset + offset, len).await?;
+        st.allocated = true;
+        st.host = Some(HostMapping {
+            node: Some(self.file.clone()),
+            offset: self.offset + offset,
+        });
+        Ok(st)
+    }
+
+    async fn truncate(&self, size: u64, exact: bool, prealloc: Prealloc) -> Result<()> {
+        if self.fixed_size.is_some() || self.offset != 0 {
+            return Err(Error::unsupported("Cannot resize fixed-size raw disks"));
+        }
+        self.file.truncate(size, exact, prealloc).await
+    }
+
+    async fn allocated_size(&self) -> Option<u64> {
+        self.file.allocated_size().await
+    }
+}
+
+/// Creates a raw image: the file, emptied, then grown to the size with the requested
+/// preallocation.
+pub async fn create(filename: &str, o: &crate::create::CreateOptions) -> Result<()> {
+    let size = o
+        .get_size("size")
+        .ok_or_else(|| Error::invalid("Image creation needs a size parameter"))?;
+    let prealloc = match o.get("preallocation") {
+        None => Prealloc::Off,
+        Some(v) => match Prealloc::parse(v) {
+            Some(Prealloc::Metadata) | None => {
+                return Err(Error::invalid(format!(
+                    "Parameter 'preallocation' does not accept value '{v}'"
+                )))
+            }
+            Some(p) => p,
+        },
+    };
+    let file = crate::format::qcow2::create::create_file(filename)?;
+    file.truncate(0, false, Prealloc::Off).await?;
+    let r = file.truncate(size, false, prealloc).await;
+    let _ = file.close().await;
+    r
+}

@@ -1,0 +1,595 @@
+//! The `file` protocol: a node over a host file or block device.
+//!
+//! Data moves with `pread`/`pwrite` through an engine (`aio=threads`: a worker pool,
+//! `aio=io_uring`/`native`: a shared io_uring). Buffered reads and writes first try the
+//! call inline with `RWF_NOWAIT`, which succeeds whenever the page cache can serve it
+//! without blocking, and only go to the engine when it cannot. With O_DIRECT, requests that
+//! are not aligned to the probed block size go through aligned bounce buffers
+//! ([`direct`]). Zero writes and discards punch holes where the file system allows.
+//! Image locking follows QEMU's lock-byte protocol ([`lock`]).
+
+mod direct;
+mod engine;
+mod lock;
+mod threads;
+mod uring;
+
+use std::any::Any;
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use crate::error::{Error, Result};
+use crate::info::FormatInfo;
+use crate::node::{Alignment, BlockDriver, BlockStatus, HostMapping, Prealloc, WriteFlags};
+use crate::options::{AioMode, CacheMode};
+use crate::perm::PermRequest;
+
+use engine::{Engine, IoFuture, Op};
+
+/// How to open a file node.
+#[derive(Debug, Clone)]
+pub struct FileOptions {
+    /// Path of the file.
+    pub filename: String,
+    /// Open for reading only.
+    pub read_only: bool,
+    /// Cache mode (only `direct` matters at this level; flushes are filtered above).
+    pub cache: CacheMode,
+    /// Submission engine.
+    pub aio: AioMode,
+    /// Take QEMU-compatible lock bytes.
+    pub locking: bool,
+    /// Create the file if it does not exist (used by image creation).
+    pub create: bool,
+}
+
+enum EngineKind {
+    Threads(Arc<threads::ThreadPool>),
+    Uring(Arc<uring::Uring>),
+}
+
+impl EngineKind {
+    fn submit<'a>(&self, fd: RawFd, op: Op) -> IoFuture<'a> {
+        match self {
+            EngineKind::Threads(p) => p.submit(fd, op),
+            EngineKind::Uring(u) => u.submit(fd, op),
+        }
+    }
+}
+
+/// A node over a host file.
+pub struct FileNode {
+    file: File,
+    filename: String,
+    read_only: bool,
+    direct: bool,
+    align: Alignment,
+    engine: EngineKind,
+    len: AtomicU64,
+    is_block_device: bool,
+    locking: bool,
+    locked: Mutex<bool>,
+    nowait_writes: AtomicBool,
+    zero_range: AtomicBool,
+    punch_hole: AtomicBool,
+    /// O_DIRECT read-modify-write cycles exclude overlapping writes (see [`direct`]).
+    rmw: tokio::sync::RwLock<()>,
+}
+
+impl FileNode {
+    /// Opens a host file.
+    pub fn open(opts: &FileOptions) -> Result<FileNode> {
+        let mut oo = std::fs::OpenOptions::new();
+        oo.read(true)
+            .write(!opts.read_only)
+            .create(opts.create && !opts.read_only);
+        let mut flags = libc::O_CLOEXEC;
+        if opts.cache.direct {
+            flags |= libc::O_DIRECT;
+        }
+        oo.custom_flags(flags);
+        let context = || format!("Could not open '{}'", opts.filename);
+        let file = oo
+            .open(&opts.filename)
+            .map_err(|e| Error::io(context(), &e))?;
+        let meta = file.metadata().map_err(|e| Error::io(context(), &e))?;
+        if meta.is_dir() {
+            return Err(Error::Os {
+                context: Some(context()),
+                errno: libc::EISDIR,
+            });
+        }
+        let is_block_device = meta.file_type().is_block_device();
+        let len = if is_block_device {
+            block_device_size(file.as_raw_fd()).map_err(|e| Error::io(context(), &e))?
+        } else {
+            meta.len()
+        };
+        let engine = match opts.aio {
+            AioMode::Threads => EngineKind::Threads(threads::ThreadPool::global().clone()),
+            AioMode::IoUring | AioMode::Native => match uring::Uring::global() {
+                Ok(u) => EngineKind::Uring(u.clone()),
+                Err(errno) => {
+                    return Err(Error::Os {
+                        context: Some(
+                            "Unable to use io_uring: failed to init linux io_uring ring".into(),
+                        ),
+                        errno,
+                    })
+                }
+            },
+        };
+        let align = if opts.cache.direct {
+            direct::probe_alignment(file.as_raw_fd())
+        } else {
+            Alignment::BYTE
+        };
+        Ok(FileNode {
+            file,
+            filename: opts.filename.clone(),
+            read_only: opts.read_only,
+            direct: opts.cache.direct,
+            align,
+            engine,
+            len: AtomicU64::new(len),
+            is_block_device,
+            locking: opts.locking,
+            locked: Mutex::new(false),
+            nowait_writes: AtomicBool::new(true),
+            zero_range: AtomicBool::new(true),
+            punch_hole: AtomicBool::new(true),
+            rmw: tokio::sync::RwLock::new(()),
+        })
+    }
+
+    fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Takes (or changes) QEMU-compatible lock bytes for the given permissions.
+    pub fn set_perm(&self, req: PermRequest) -> Result<()> {
+        if !self.locking {
+            return Ok(());
+        }
+        lock::apply(self.fd(), req, &self.filename)?;
+        *self.locked.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        Ok(())
+    }
+
+    fn note_end(&self, end: u64) {
+        self.len.fetch_max(end, Ordering::AcqRel);
+    }
+
+    /// Reads at an offset the caller has made suitable for the file's alignment.
+    async fn pread_full(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let pos = offset + done as u64;
+            let mut n = -libc::EAGAIN as isize;
+            if !self.direct {
+                n = preadv2_nowait(self.fd(), rest, pos);
+            }
+            if n == -libc::EAGAIN as isize || n == -libc::EOPNOTSUPP as isize {
+                let op = Op::Read {
+                    buf: rest.as_mut_ptr(),
+                    len: rest.len(),
+                    offset: pos,
+                };
+                n = self.engine.submit(self.fd(), op).await;
+            }
+            if n == -libc::EINTR as isize {
+                continue;
+            }
+            if n < 0 {
+                return Err(Error::errno(-n as i32));
+            }
+            if n == 0 {
+                // Past the end of the file: reads as zeroes, as QEMU pads short reads.
+                rest.fill(0);
+                break;
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    async fn pwrite_full(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &buf[done..];
+            let pos = offset + done as u64;
+            let mut n = -libc::EAGAIN as isize;
+            if !self.direct && self.nowait_writes.load(Ordering::Relaxed) {
+                n = pwritev2_nowait(self.fd(), rest, pos);
+                if n == -libc::EOPNOTSUPP as isize || n == -libc::EINVAL as isize {
+                    self.nowait_writes.store(false, Ordering::Relaxed);
+                    n = -libc::EAGAIN as isize;
+                }
+            }
+            if n == -libc::EAGAIN as isize {
+                let op = Op::Write {
+                    buf: rest.as_ptr(),
+                    len: rest.len(),
+                    offset: pos,
+                };
+                n = self.engine.submit(self.fd(), op).await;
+            }
+            if n == -libc::EINTR as isize {
+                continue;
+            }
+            if n < 0 {
+                return Err(Error::errno(-n as i32));
+            }
+            if n == 0 {
+                return Err(Error::errno(libc::EIO));
+            }
+            done += n as usize;
+        }
+        self.note_end(offset + buf.len() as u64);
+        Ok(())
+    }
+
+    async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> Result<()> {
+        let r = self
+            .engine
+            .submit(self.fd(), Op::Fallocate { mode, offset, len })
+            .await;
+        if r < 0 {
+            return Err(Error::errno(-r as i32));
+        }
+        Ok(())
+    }
+
+    async fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = crate::buffer::AlignedBuf::io(CHUNK.min(len) as usize);
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = (end - pos).min(CHUNK) as usize;
+            self.write(pos, &zeroes[..n], WriteFlags::NONE).await?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    fn is_aligned(&self, offset: u64, len: usize, addr: usize) -> bool {
+        let a = self.align.request as u64;
+        offset % a == 0 && len as u64 % a == 0 && addr % self.align.memory as usize == 0
+    }
+
+    fn seek(&self, offset: u64, whence: i32) -> std::result::Result<u64, i32> {
+        // SAFETY: lseek on an open descriptor has no memory-safety requirements.
+        let r = unsafe { libc::lseek(self.fd(), offset as libc::off_t, whence) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO))
+        } else {
+            Ok(r as u64)
+        }
+    }
+}
+
+fn preadv2_nowait(fd: RawFd, buf: &mut [u8], offset: u64) -> isize {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: iov describes `buf`, valid for writes for the duration of the call.
+    let r = unsafe { libc::preadv2(fd, &iov, 1, offset as libc::off_t, libc::RWF_NOWAIT) };
+    if r < 0 {
+        -(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO) as isize)
+    } else {
+        r
+    }
+}
+
+fn pwritev2_nowait(fd: RawFd, buf: &[u8], offset: u64) -> isize {
+    let iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: iov describes `buf`, valid for reads for the duration of the call; the
+    // kernel does not write through it.
+    let r = unsafe { libc::pwritev2(fd, &iov, 1, offset as libc::off_t, libc::RWF_NOWAIT) };
+    if r < 0 {
+        -(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO) as isize)
+    } else {
+        r
+    }
+}
+
+fn block_device_size(fd: RawFd) -> std::io::Result<u64> {
+    let mut size: u64 = 0;
+    // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
+    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid.
+    let r = unsafe { libc::ioctl(fd, BLKGETSIZE64, &mut size) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+#[async_trait]
+impl BlockDriver for FileNode {
+    fn driver_name(&self) -> &'static str {
+        if self.is_block_device {
+            "host_device"
+        } else {
+            "file"
+        }
+    }
+
+    fn filename(&self) -> String {
+        self.filename.clone()
+    }
+
+    fn size(&self) -> u64 {
+        self.len.load(Ordering::Acquire)
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn alignment(&self) -> Alignment {
+        self.align
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if self.direct && !self.is_aligned(offset, buf.len(), buf.as_ptr() as usize) {
+            return direct::read_unaligned(self, offset, buf).await;
+        }
+        self.pread_full(offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        if self.read_only {
+            return Err(Error::errno(libc::EBADF));
+        }
+        if self.direct {
+            if !self.is_aligned(offset, buf.len(), buf.as_ptr() as usize) {
+                direct::write_unaligned(self, offset, buf).await?;
+            } else {
+                let _shared = self.rmw.read().await;
+                self.pwrite_full(offset, buf).await?;
+            }
+        } else {
+            self.pwrite_full(offset, buf).await?;
+        }
+        if flags.fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
+        if self.read_only {
+            return Err(Error::errno(libc::EBADF));
+        }
+        let end = offset + len;
+        let aligned = self.is_aligned(offset, len as usize, 0);
+        let mut done = false;
+        if aligned && !self.is_block_device {
+            let size = self.size();
+            if offset >= size && self.fallocate(0, offset, 0).await.is_ok() {
+                // Entirely past the end: growing the file is enough.
+                // SAFETY: ftruncate on an open descriptor.
+                let r = unsafe { libc::ftruncate(self.fd(), end as libc::off_t) };
+                done = r == 0;
+            }
+            if !done && flags.may_unmap && self.punch_hole.load(Ordering::Relaxed) {
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                match self.fallocate(mode, offset, len).await {
+                    Ok(()) => {
+                        if end > size {
+                            // SAFETY: ftruncate on an open descriptor.
+                            let r = unsafe { libc::ftruncate(self.fd(), end as libc::off_t) };
+                            done = r == 0;
+                        } else {
+                            done = true;
+                        }
+                    }
+                    Err(e) if e.errno_value() == libc::EOPNOTSUPP => {
+                        self.punch_hole.store(false, Ordering::Relaxed)
+                    }
+                    Err(_) => {}
+                }
+            }
+            if !done && self.zero_range.load(Ordering::Relaxed) {
+                match self
+                    .fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)
+                    .await
+                {
+                    Ok(()) => done = true,
+                    Err(e) if e.errno_value() == libc::EOPNOTSUPP => {
+                        self.zero_range.store(false, Ordering::Relaxed)
+                    }
+                    Err(_) => {}
+                }
+            }
+            if !done && self.punch_hole.load(Ordering::Relaxed) {
+                // Punch and reallocate: zeroes without writing them.
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                if self.fallocate(mode, offset, len).await.is_ok() {
+                    done = self.fallocate(0, offset, len).await.is_ok();
+                }
+            }
+        }
+        if done {
+            self.note_end(end);
+            if flags.fua {
+                self.flush().await?;
+            }
+            return Ok(());
+        }
+        if flags.no_fallback {
+            return Err(Error::errno(libc::ENOTSUP));
+        }
+        self.write_zero_buffers(offset, len).await?;
+        if flags.fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::errno(libc::EBADF));
+        }
+        if self.is_block_device || !self.punch_hole.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let size = self.size();
+        if offset >= size {
+            return Ok(());
+        }
+        let len = len.min(size - offset);
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match self.fallocate(mode, offset, len).await {
+            Err(e) if e.errno_value() == libc::EOPNOTSUPP => {
+                self.punch_hole.store(false, Ordering::Relaxed);
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let r = self.engine.submit(self.fd(), Op::Fdatasync).await;
+        if r < 0 {
+            return Err(Error::errno(-r as i32));
+        }
+        Ok(())
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let size = self.size();
+        let mut st = BlockStatus {
+            len,
+            data: true,
+            allocated: true,
+            host: Some(HostMapping { node: None, offset }),
+            ..Default::default()
+        };
+        if offset >= size {
+            st.data = false;
+            st.zero = true;
+            return Ok(st);
+        }
+        if self.is_block_device {
+            return Ok(st);
+        }
+        match self.seek(offset, libc::SEEK_DATA) {
+            Err(libc::ENXIO) => {
+                // Only a hole up to the end of the file.
+                st.data = false;
+                st.zero = true;
+                st.len = len;
+            }
+            Err(_) => {}
+            Ok(data) if data > offset => {
+                st.data = false;
+                st.zero = true;
+                st.len = len.min(data - offset);
+            }
+            Ok(_) => {
+                let hole = self.seek(offset, libc::SEEK_HOLE).unwrap_or(size);
+                st.len = len.min(hole.saturating_sub(offset).max(1));
+            }
+        }
+        // Report in units of the request alignment.
+        let a = self.align.request as u64;
+        if a > 1 && st.len < len {
+            let end = (offset + st.len).div_ceil(a) * a;
+            st.len = (end - offset).min(len);
+            if !st.zero {
+                st.data = true;
+            }
+        }
+        Ok(st)
+    }
+
+    async fn truncate(&self, size: u64, _exact: bool, prealloc: Prealloc) -> Result<()> {
+        if self.read_only {
+            return Err(Error::errno(libc::EBADF));
+        }
+        let cur = self.size();
+        if self.is_block_device {
+            if size > cur {
+                return Err(Error::other("Cannot grow device files", libc::EINVAL));
+            }
+            return Ok(());
+        }
+        if size < cur && prealloc != Prealloc::Off {
+            return Err(Error::unsupported(
+                "Cannot use preallocation for shrinking files",
+            ));
+        }
+        // SAFETY: ftruncate on an open descriptor.
+        let r = unsafe { libc::ftruncate(self.fd(), size as libc::off_t) };
+        if r < 0 {
+            return Err(Error::io(
+                "Failed to resize the file",
+                &std::io::Error::last_os_error(),
+            ));
+        }
+        self.len.store(size, Ordering::Release);
+        if size > cur {
+            match prealloc {
+                Prealloc::Off | Prealloc::Metadata => {}
+                Prealloc::Falloc => {
+                    self.fallocate(0, cur, size - cur).await.map_err(|e| {
+                        Error::other(
+                            format!("Could not preallocate new data: {e}"),
+                            e.errno_value(),
+                        )
+                    })?;
+                }
+                Prealloc::Full => {
+                    self.write_zero_buffers(cur, size - cur).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        let mut locked = self.locked.lock().unwrap_or_else(|p| p.into_inner());
+        if *locked {
+            lock::release(self.fd());
+            *locked = false;
+        }
+        Ok(())
+    }
+
+    async fn allocated_size(&self) -> Option<u64> {
+        self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+
+    async fn format_info(&self) -> Result<FormatInfo> {
+        Ok(FormatInfo {
+            type_name: Some("file"),
+            data: Default::default(),
+        })
+    }
+}

@@ -1,0 +1,3 @@
+//! Protocol drivers: nodes that store bytes somewhere outside the block layer.
+
+pub mod file;

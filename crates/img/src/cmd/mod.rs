@@ -1,0 +1,5 @@
+//! One module per rqemu-img command.
+
+pub mod check;
+pub mod create;
+pub mod info;
