@@ -32,3 +32,8 @@ pub use backend::BlockBackend;
 pub use error::{Error, Result};
 pub use node::{BlockDriver, BlockStatus, NodeRef, Prealloc, WriteFlags};
 pub use options::{AioMode, CacheMode, DetectZeroes, DiscardMode, OpenOptions};
+
+/// Wraps format-specific data as a JSON value (for printers).
+pub fn serde_json_value(m: serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
+    serde_json::Value::Object(m)
+}

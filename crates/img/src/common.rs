@@ -16,7 +16,6 @@ pub struct Ctx {
 impl Ctx {
     /// Prints `prog: msg` to stderr (QEMU's `error_report`).
     pub fn error(&self, msg: &str) {
-        rqemu_cli::out::flush();
         eprintln!("{}: {msg}", self.prog);
     }
 
@@ -42,7 +41,6 @@ impl Ctx {
     ) -> Result<Parsed, i32> {
         let label = format!("{} {cmd}", self.prog);
         getopt::parse(&label, args, short, long).map_err(|e| {
-            rqemu_cli::out::flush();
             eprintln!("{}", e.0);
             eprintln!("Try '{} {cmd} --help' for more info", self.prog);
             1

@@ -57,21 +57,20 @@ impl Meta {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let mut map: HashMap<u64, MetaKind> = HashMap::new();
-        let add_range =
-            |map: &mut HashMap<u64, MetaKind>, off: u64, len: u64, kind: MetaKind| {
-                if len == 0 {
-                    return;
+        let add_range = |map: &mut HashMap<u64, MetaKind>, off: u64, len: u64, kind: MetaKind| {
+            if len == 0 {
+                return;
+            }
+            let first = off / cs;
+            let last = (off + len - 1) / cs;
+            // Bound the work for absurd (corrupt) ranges.
+            for c in first..=last.min(first + (64 << 20) / cs) {
+                let e = map.entry(c).or_insert(kind);
+                if kind < *e {
+                    *e = kind;
                 }
-                let first = off / cs;
-                let last = (off + len - 1) / cs;
-                // Bound the work for absurd (corrupt) ranges.
-                for c in first..=last.min(first + (64 << 20) / cs) {
-                    let e = map.entry(c).or_insert(kind);
-                    if kind < *e {
-                        *e = kind;
-                    }
-                }
-            };
+            }
+        };
         add_range(&mut map, 0, cs, MetaKind::Header);
         add_range(
             &mut map,
@@ -114,7 +113,11 @@ impl Meta {
                 MetaKind::InactiveL1,
             );
         }
-        if let Some(b) = self.h.bitmaps.filter(|_| self.h.autoclear_features & autoclear::BITMAPS != 0) {
+        if let Some(b) = self
+            .h
+            .bitmaps
+            .filter(|_| self.h.autoclear_features & autoclear::BITMAPS != 0)
+        {
             add_range(
                 &mut map,
                 b.directory_offset,
