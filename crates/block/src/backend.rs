@@ -196,6 +196,17 @@ impl BlockBackend {
         self.root.discard(offset, len).await
     }
 
+    /// Reads saved VM state.
+    pub async fn load_vmstate(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
+        self.root.load_vmstate(pos, buf).await
+    }
+
+    /// Writes saved VM state.
+    pub async fn save_vmstate(&self, pos: u64, buf: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        self.root.save_vmstate(pos, buf).await
+    }
+
     /// Makes completed writes durable (a no-op with `cache=unsafe`).
     pub async fn flush(&self) -> Result<()> {
         if self.state.cache.no_flush {

@@ -218,6 +218,16 @@ pub trait BlockDriver: Send + Sync + 'static {
         ))
     }
 
+    /// Reads saved VM state (stored by formats that can, like qcow2, past the disk).
+    async fn load_vmstate(&self, _pos: u64, _buf: &mut [u8]) -> Result<()> {
+        Err(Error::errno(libc::ENOTSUP))
+    }
+
+    /// Writes saved VM state.
+    async fn save_vmstate(&self, _pos: u64, _buf: &[u8]) -> Result<()> {
+        Err(Error::errno(libc::ENOTSUP))
+    }
+
     /// Discards `len` bytes at `offset` (a hint; contents become unspecified or zero).
     async fn discard(&self, offset: u64, len: u64) -> Result<()>;
 

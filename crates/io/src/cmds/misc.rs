@@ -171,9 +171,7 @@ async fn info(st: &mut State) -> i32 {
     };
     let cs = q.cluster_size();
     outln!("cluster size: {}", cvtstr(cs as f64));
-    let l2_coverage = q.geometry().l2_coverage();
-    let vm_state = root.size().div_ceil(l2_coverage) * l2_coverage;
-    outln!("vm state offset: {}", cvtstr(vm_state as f64));
+    outln!("vm state offset: {}", cvtstr(q.vm_state_offset() as f64));
     if let Ok(fi) = root.format_info().await {
         if !fi.data.is_empty() {
             let mut s = String::new();

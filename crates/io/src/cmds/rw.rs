@@ -189,7 +189,7 @@ pub async fn read(st: &mut State, c: &CmdInfo, argv: &[String]) -> i32 {
     let mut buf = AlignedBuf::io(count as usize);
     let t = Instant::now();
     let r = if vmstate {
-        Err(rqemu_block::Error::errno(libc::ENOTSUP))
+        b.load_vmstate(offset, &mut buf).await
     } else {
         b.read(offset, &mut buf).await
     };
@@ -364,7 +364,7 @@ pub async fn write(st: &mut State, c: &CmdInfo, argv: &[String]) -> i32 {
     }
     let t = Instant::now();
     let r = if o.vmstate {
-        Err(rqemu_block::Error::errno(libc::ENOTSUP))
+        b.save_vmstate(offset, &buf).await
     } else if o.zero {
         b.write_zeroes_flags(
             offset,

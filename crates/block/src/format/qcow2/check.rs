@@ -936,17 +936,9 @@ pub async fn check(q: &Qcow2, repair: RepairMode) -> Result<CheckReport> {
         res.check_errors = res.check_errors.max(1);
     }
     if (repair.leaks || repair.errors) && res.check_errors == 0 && res.corruptions == 0 {
-        let mut changed = false;
-        if m.h.incompatible_features & incompat::DIRTY != 0 {
-            m.flush_caches().await?;
-            m.h.incompatible_features &= !incompat::DIRTY;
-            changed = true;
-        }
+        m.mark_clean().await?;
         if m.h.incompatible_features & incompat::CORRUPT != 0 {
             m.h.incompatible_features &= !incompat::CORRUPT;
-            changed = true;
-        }
-        if changed {
             m.write_header().await?;
         }
     }

@@ -286,7 +286,11 @@ impl Header {
                     self.backing_format = Some(String::from_utf8_lossy(data).into_owned());
                 }
                 ext::FEATURE_TABLE => {
-                    self.feature_table = data
+                    // Entries are 48 bytes; a short last entry reads as zero-padded, and
+                    // an entry without a name ends the table (as QEMU reads it).
+                    let mut padded = data.to_vec();
+                    padded.resize(data.len().div_ceil(48) * 48, 0);
+                    self.feature_table = padded
                         .chunks_exact(48)
                         .map(|c| {
                             let name_end = c[2..].iter().position(|&b| b == 0).unwrap_or(46);
@@ -296,6 +300,7 @@ impl Header {
                                 name: String::from_utf8_lossy(&c[2..2 + name_end]).into_owned(),
                             }
                         })
+                        .take_while(|f| !f.name.is_empty())
                         .collect();
                 }
                 ext::BITMAPS => {

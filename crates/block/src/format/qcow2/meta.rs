@@ -372,6 +372,17 @@ impl Meta {
         Ok(())
     }
 
+    /// Writes all metadata and clears the dirty bit (refcounts become accurate again).
+    pub async fn mark_clean(&mut self) -> Result<()> {
+        if self.h.incompatible_features & incompat::DIRTY != 0 {
+            self.h.incompatible_features &= !incompat::DIRTY;
+            self.flush_caches().await?;
+            self.sync().await?;
+            return self.write_header().await;
+        }
+        self.flush_caches().await
+    }
+
     /// Index of the last cluster with a reference before `file_len`, if any.
     pub async fn last_used_cluster(&mut self, file_len: u64) -> Result<Option<u64>> {
         let mut i = self.geo.clusters_for(file_len);

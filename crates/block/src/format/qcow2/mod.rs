@@ -116,8 +116,7 @@ impl Qcow2 {
                 return Err(Error::corrupt("Could not repair dirty image"));
             }
             m = self.meta.lock().await;
-            m.h.incompatible_features &= !incompat::DIRTY;
-            m.write_header().await?;
+            m.mark_clean().await?;
         }
         // Unknown auto-clear bits are cleared before the first write.
         if m.h.autoclear_features & !autoclear::KNOWN != 0 {
@@ -159,6 +158,11 @@ impl Qcow2 {
     /// The node that holds guest data (the external data file, or the image file).
     fn data(&self) -> &NodeRef {
         self.data_file.as_ref().unwrap_or(&self.file)
+    }
+
+    /// Where saved VM state starts: the first guest offset no L1 entry of the disk maps.
+    pub fn vm_state_offset(&self) -> u64 {
+        self.geo.l1_entries_for(self.size()) * self.geo.l2_coverage()
     }
 
     /// The image geometry.
@@ -262,6 +266,16 @@ impl BlockDriver for Qcow2 {
         self.discard_guest(offset, len).await
     }
 
+    async fn load_vmstate(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_alive()?;
+        self.read_guest(self.vm_state_offset() + pos, buf).await
+    }
+
+    async fn save_vmstate(&self, pos: u64, buf: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        self.write_guest(self.vm_state_offset() + pos, buf).await
+    }
+
     async fn flush(&self) -> Result<()> {
         if self.read_only || self.dead.load(Ordering::Acquire) {
             return Ok(());
@@ -324,13 +338,7 @@ impl BlockDriver for Qcow2 {
             return Ok(());
         }
         let mut m = self.meta.lock().await;
-        m.flush_caches().await?;
-        if m.h.incompatible_features & incompat::DIRTY != 0 {
-            m.sync().await?;
-            m.h.incompatible_features &= !incompat::DIRTY;
-            m.write_header().await?;
-        }
-        Ok(())
+        m.mark_clean().await
     }
 
     async fn allocated_size(&self) -> Option<u64> {

@@ -268,8 +268,7 @@ impl Qcow2 {
         let scs = self.geo.subcluster_size();
         let start = offset / scs * scs;
         let stop = ((offset + len).div_ceil(scs) * scs).min(self.size());
-        if self.version >= 3
-            && self.reads_as_zero(start, offset - start).await?
+        if self.reads_as_zero(start, offset - start).await?
             && self
                 .reads_as_zero(offset + len, stop.saturating_sub(offset + len))
                 .await?
