@@ -165,7 +165,9 @@ impl BlockDriver for RawNode {
 pub async fn create(filename: &str, o: &crate::create::CreateOptions) -> Result<()> {
     let size = o
         .get_size("size")
-        .ok_or_else(|| Error::invalid("Image creation needs a size parameter"))?;
+        .ok_or_else(|| Error::invalid("Image creation needs a size parameter"))?
+        .div_ceil(512)
+        * 512;
     let prealloc = match o.get("preallocation") {
         None => Prealloc::Off,
         Some(v) => match Prealloc::parse(v) {

@@ -145,8 +145,8 @@ fn get_str<'a>(d: &'a QDict, key: &str) -> Option<&'a str> {
 /// The snapshot table header line.
 pub fn snapshot_header() -> String {
     format!(
-        "{:<10}{:<17}{:>8}{:>20}{:>13}{:>11}",
-        "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT"
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
     )
 }
 
@@ -163,7 +163,7 @@ pub fn snapshot_line(s: &rqemu_block::info::SnapshotInfo) -> String {
     );
     let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
     format!(
-        "{:<9} {:<16} {:>8}{:>20}{:>13}{:>11}",
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
         s.id,
         s.name,
         size_to_str(s.vm_state_size),

@@ -78,10 +78,9 @@ impl Qcow2CreateParams {
         }
         let size = o
             .get_size("size")
-            .ok_or_else(|| Error::invalid("Image creation needs a size parameter"))?;
-        if size % 512 != 0 {
-            return Err(Error::invalid("Image size must be a multiple of 512 bytes"));
-        }
+            .ok_or_else(|| Error::invalid("Image creation needs a size parameter"))?
+            .div_ceil(512)
+            * 512;
         let extended_l2 = o.get_bool("extended_l2").unwrap_or(false);
         let cluster_size = o.get_size("cluster_size").unwrap_or(65536);
         if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {

@@ -230,8 +230,8 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Writes one cluster (or the image's last, partial cluster) compressed; falls back
-    /// to a normal write when the data does not compress.
+    /// Writes whole clusters compressed (the last may be the image's partial one); each
+    /// cluster that does not compress is written normally.
     pub(super) async fn write_compressed_guest(&self, offset: u64, buf: &[u8]) -> Result<()> {
         let cs = self.geo.cluster_size();
         if self.data_file.is_some() {
@@ -242,13 +242,18 @@ impl Qcow2 {
         if self.geo.offset_in_cluster(offset) != 0 {
             return Err(Error::errno(libc::EINVAL));
         }
-        let size = self.size();
-        if buf.len() as u64 != cs && offset + buf.len() as u64 != size {
+        if buf.len() as u64 % cs != 0 && offset + buf.len() as u64 != self.size() {
             return Err(Error::errno(libc::EINVAL));
         }
-        if buf.is_empty() {
-            return Ok(());
+        for (i, chunk) in buf.chunks(cs as usize).enumerate() {
+            self.write_compressed_cluster(offset + i as u64 * cs, chunk)
+                .await?;
         }
+        Ok(())
+    }
+
+    async fn write_compressed_cluster(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let cs = self.geo.cluster_size();
         let mut cluster;
         let input: &[u8] = if buf.len() as u64 != cs {
             cluster = vec![0u8; cs as usize];

@@ -313,6 +313,10 @@ impl Qcow2 {
     /// Discards whole clusters in the range (partial clusters are ignored, except the
     /// image's partial last cluster).
     pub(super) async fn discard_guest(&self, offset: u64, len: u64) -> Result<()> {
+        // Without zero clusters (v2), discarding would expose the backing file's data.
+        if self.version < 3 && self.backing_node().is_some() {
+            return Ok(());
+        }
         let cs = self.geo.cluster_size();
         let size = self.size();
         let end = offset + len;
