@@ -16,6 +16,7 @@ pub fn run(args: Vec<String>) -> i32 {
         .first()
         .map(|a| a.rsplit('/').next().unwrap_or(a).to_string())
         .unwrap_or_else(|| "rqemu-img".into());
+    rqemu_block::error::set_program_name(&prog);
     let ctx = Ctx { prog };
     let code = dispatch(&ctx, &args[1.min(args.len())..]);
     rqemu_cli::out::flush();

@@ -1,3 +1,4 @@
 //! Protocol drivers: nodes that store bytes somewhere outside the block layer.
 
 pub mod file;
+pub mod mem;

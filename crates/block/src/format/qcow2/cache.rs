@@ -10,7 +10,8 @@ use crate::buffer::AlignedBuf;
 
 struct Entry {
     data: AlignedBuf,
-    dirty: bool,
+    /// The dirty byte range, if any (only it is written back).
+    dirty: Option<(usize, usize)>,
     last_used: u64,
 }
 
@@ -49,28 +50,48 @@ impl TableCache {
     /// Adds a table; the caller must have made room with [`Self::victim`] first.
     pub(super) fn insert(&mut self, offset: u64, data: AlignedBuf, dirty: bool) {
         self.tick += 1;
+        let len = data.len();
         self.entries.insert(
             offset,
             Entry {
                 data,
-                dirty,
+                dirty: dirty.then_some((0, len)),
                 last_used: self.tick,
             },
         );
     }
 
-    /// Marks a cached table dirty.
+    /// Marks a whole cached table dirty.
     pub(super) fn mark_dirty(&mut self, offset: u64) {
         if let Some(e) = self.entries.get_mut(&offset) {
-            e.dirty = true;
+            e.dirty = Some((0, e.data.len()));
+        }
+    }
+
+    /// Marks bytes `[lo, hi)` of a cached table dirty.
+    pub(super) fn mark_dirty_range(&mut self, offset: u64, lo: usize, hi: usize) {
+        if let Some(e) = self.entries.get_mut(&offset) {
+            e.dirty = Some(match e.dirty {
+                Some((a, b)) => (a.min(lo), b.max(hi)),
+                None => (lo, hi),
+            });
         }
     }
 
     /// Marks a cached table clean (after it was written).
     pub(super) fn mark_clean(&mut self, offset: u64) {
         if let Some(e) = self.entries.get_mut(&offset) {
-            e.dirty = false;
+            e.dirty = None;
         }
+    }
+
+    /// The dirty range of a table rounded out to `align` bytes, with the table's bytes.
+    pub(super) fn dirty_part(&self, offset: u64, align: usize) -> Option<(usize, &[u8])> {
+        let e = self.entries.get(&offset)?;
+        let (lo, hi) = e.dirty?;
+        let lo = lo / align * align;
+        let hi = hi.div_ceil(align).saturating_mul(align).min(e.data.len());
+        Some((lo, &e.data[lo..hi]))
     }
 
     /// Whether the cache is full, and which entry to evict: the least recently used clean
@@ -82,10 +103,10 @@ impl TableCache {
         let clean = self
             .entries
             .iter()
-            .filter(|(_, e)| !e.dirty)
+            .filter(|(_, e)| e.dirty.is_none())
             .min_by_key(|(_, e)| e.last_used);
         let pick = clean.or_else(|| self.entries.iter().min_by_key(|(_, e)| e.last_used));
-        pick.map(|(off, e)| (*off, e.dirty))
+        pick.map(|(off, e)| (*off, e.dirty.is_some()))
     }
 
     /// Drops a table (clean or not) from the cache.
@@ -98,7 +119,7 @@ impl TableCache {
         let mut v: Vec<u64> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.dirty)
+            .filter(|(_, e)| e.dirty.is_some())
             .map(|(o, _)| *o)
             .collect();
         v.sort_unstable();

@@ -6,7 +6,7 @@
 use crate::buffer::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::info::{CheckReport, RepairMode};
-use crate::node::{Prealloc, WriteFlags};
+use crate::node::Prealloc;
 
 use super::meta::{DiscardType, Meta};
 use super::refcount::{rb_get, rb_set};
@@ -81,13 +81,47 @@ fn say(msg: String) {
     eprintln!("{msg}");
 }
 
+/// The last refcount block read during a check, decoded lookups without the cache.
+#[derive(Default)]
+struct RefblockWindow {
+    table_index: Option<u64>,
+    block: Vec<u8>,
+}
+
 impl Meta {
+    /// Refcount of cluster `index`, through a one-block window (checks walk clusters in
+    /// order, so each block is fetched once).
+    async fn refcount_windowed(&mut self, w: &mut RefblockWindow, index: u64) -> Result<u64> {
+        let ti = index >> self.geo.refblock_bits();
+        if w.table_index != Some(ti) {
+            w.table_index = None;
+            w.block.clear();
+            if ti < self.reftable.len() as u64 {
+                let off = self.reftable[ti as usize] & REFT_OFFSET_MASK;
+                if off != 0 {
+                    // Go through the cache for its corruption checks and dirty state.
+                    self.get_refcount(index).await?;
+                    if let Some(b) = self.rb_cache.peek(off) {
+                        w.block = b.to_vec();
+                    }
+                }
+            }
+            w.table_index = Some(ti);
+        }
+        if w.block.is_empty() {
+            return Ok(0);
+        }
+        let bi = index & (self.geo.refblock_entries() - 1);
+        Ok(rb_get(&w.block, bi, self.geo.refcount_order))
+    }
+
     fn inc_refcounts(&self, res: &mut Res, t: &mut Imrt, offset: u64, size: u64, file_len: u64) {
         if size == 0 {
             return;
         }
         let cs = self.geo.cluster_size();
-        if (offset + size).saturating_sub(file_len) >= cs && offset + size > file_len {
+        let end = offset.saturating_add(size);
+        if end.saturating_sub(file_len) >= cs {
             say(format!(
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x{offset:x} size 0x{size:x}"
             ));
@@ -95,7 +129,7 @@ impl Meta {
             return;
         }
         let start = self.geo.cluster_start(offset);
-        let last = self.geo.cluster_start(offset + size - 1);
+        let last = self.geo.cluster_start(end - 1);
         let max = self.geo.refcount_max();
         let mut c = start;
         while c <= last {
@@ -224,7 +258,7 @@ impl Meta {
                                 let mut bytes = [0u8; 16];
                                 put_be64(&mut bytes, 0, ne.raw);
                                 put_be64(&mut bytes, 8, ne.bitmap);
-                                match self.file.write(at, &bytes[..esize], WriteFlags::NONE).await {
+                                match self.write_meta(at, &bytes[..esize]).await {
                                     Ok(()) => {
                                         let _ = self.sync().await;
                                         self.l2_cache.remove(l2_offset);
@@ -525,8 +559,9 @@ impl Meta {
         nb_clusters: u64,
     ) {
         *highest = 0;
+        let mut w = RefblockWindow::default();
         for i in 0..nb_clusters {
-            let rc1 = match self.get_refcount(i).await {
+            let rc1 = match self.refcount_windowed(&mut w, i).await {
                 Ok(v) => v,
                 Err(e) => {
                     say(format!(
@@ -577,6 +612,7 @@ impl Meta {
                         DiscardType::Always,
                     )
                     .await;
+                w.table_index = None;
                 if r.is_ok() {
                     if leak {
                         res.leaks_fixed += 1;
@@ -669,7 +705,7 @@ impl Meta {
             let from = ((start << self.geo.refcount_order) / 8) as usize;
             t.resize(t.entries.max(start + per_block));
             let block = t.data[from..from + cs as usize].to_vec();
-            self.file.write(offset, &block, WriteFlags::NONE).await?;
+            self.write_meta(offset, &block).await?;
             cluster = start + per_block;
         }
         Ok(grown)
@@ -715,13 +751,12 @@ impl Meta {
         for (i, e) in reftable.iter().enumerate() {
             put_be64(&mut bytes, i * 8, *e);
         }
-        self.file
-            .write(reftable_offset, &bytes, WriteFlags::NONE)
+        self.write_meta(reftable_offset, &bytes)
             .await?;
         let mut hdr = [0u8; 12];
         put_be64(&mut hdr, 0, reftable_offset);
         put_be32(&mut hdr, 8, reftable_clusters as u32);
-        self.file.write(48, &hdr, WriteFlags::NONE).await?;
+        self.write_meta(48, &hdr).await?;
         self.sync().await?;
         self.h.refcount_table_offset = reftable_offset;
         self.h.refcount_table_clusters = reftable_clusters as u32;
@@ -832,13 +867,14 @@ impl Meta {
         let ext = self.has_data_file();
         let esize = geo.l2_entry_size() as usize;
         self.flush_l2().await?;
+        let mut w = RefblockWindow::default();
         for i in 0..self.l1.len() {
             let l1e = self.l1[i];
             let l2 = l1e & L1E_OFFSET_MASK;
             if l2 == 0 {
                 continue;
             }
-            let Ok(rc) = self.get_refcount(l2 >> geo.cluster_bits).await else {
+            let Ok(rc) = self.refcount_windowed(&mut w, l2 >> geo.cluster_bits).await else {
                 continue;
             };
             if (rc == 1) != (l1e & OFLAG_COPIED != 0) {
@@ -878,7 +914,7 @@ impl Meta {
                 let rc = if ext {
                     1
                 } else {
-                    match self.get_refcount(e.host_offset() >> geo.cluster_bits).await {
+                    match self.refcount_windowed(&mut w, e.host_offset() >> geo.cluster_bits).await {
                         Ok(v) => v,
                         Err(_) => continue,
                     }
@@ -901,7 +937,7 @@ impl Meta {
                 }
             }
             if dirty > 0 {
-                if let Err(e) = self.file.write(l2, &table, WriteFlags::NONE).await {
+                if let Err(e) = self.write_meta(l2, &table).await {
                     say(format!("ERROR: Could not write L2 table: {e}"));
                     res.check_errors += 1;
                     return Err(e);
@@ -915,10 +951,66 @@ impl Meta {
     }
 }
 
+impl Meta {
+    /// Reads the snapshot table in check mode, where opening skipped it (QEMU's
+    /// `qcow2_check_read_snapshot_table`).
+    async fn check_read_snapshot_table(&mut self, res: &mut Res, fix: RepairMode) -> Result<()> {
+        let mut nb = self.h.nb_snapshots;
+        if nb > MAX_SNAPSHOTS {
+            res.corruptions += 1;
+            crate::error::report(&format!(
+                "{} snapshot table too large",
+                if fix.errors { "Repairing" } else { "ERROR" }
+            ));
+            if !fix.errors {
+                say(format!(
+                    "You can force-remove all {} overhanging snapshots with qemu-img check -r all",
+                    nb - MAX_SNAPSHOTS
+                ));
+                return Err(Error::errno(libc::EFBIG));
+            }
+            say(format!("Discarding {} overhanging snapshots", nb - MAX_SNAPSHOTS));
+            self.write_meta(60, &MAX_SNAPSHOTS.to_be_bytes())
+                .await?;
+            self.sync().await?;
+            nb = MAX_SNAPSHOTS;
+            self.h.nb_snapshots = nb;
+            res.corruptions -= 1;
+            res.corruptions_fixed += 1;
+        }
+        if !super::open::table_offset_valid(&self.geo, self.h.snapshots_offset, nb as u64, 40) {
+            res.check_errors += 1;
+            crate::error::report("ERROR snapshot table offset invalid");
+            self.h.snapshots_offset = 0;
+            self.h.nb_snapshots = 0;
+            return Err(Error::errno(libc::EINVAL));
+        }
+        match super::open::read_snapshots(&self.file, &self.h).await {
+            Ok(s) => {
+                self.snapshots = s;
+                Ok(())
+            }
+            Err(e) => {
+                res.check_errors += 1;
+                crate::error::report(&format!("ERROR failed to read the snapshot table: {e}"));
+                self.h.snapshots_offset = 0;
+                self.h.nb_snapshots = 0;
+                Err(e)
+            }
+        }
+    }
+}
+
 /// Checks (and with `repair`, fixes) the image.
 pub async fn check(q: &Qcow2, repair: RepairMode) -> Result<CheckReport> {
     let mut m = q.meta.lock().await;
     let mut res = Res::default();
+    if q.opened_for_check && !m.snapshots_checked {
+        m.snapshots_checked = true;
+        if let Err(e) = m.check_read_snapshot_table(&mut res, repair).await {
+            return Err(e);
+        }
+    }
     // Unflushed metadata would look like inconsistencies; write it first.
     if !q.read_only {
         m.flush_caches().await?;

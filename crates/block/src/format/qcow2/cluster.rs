@@ -3,7 +3,6 @@
 //! into the L2 tables once their data is written.
 
 use crate::error::{Error, Result};
-use crate::node::WriteFlags;
 
 use super::meta::{DiscardType, Meta, TableKind};
 use super::types::*;
@@ -307,12 +306,12 @@ impl Meta {
             put_be64(&mut buf, i * 8, *e);
         }
         self.overlap_check_meta(new_off, bytes).await?;
-        self.file.write(new_off, &buf, WriteFlags::NONE).await?;
+        self.write_meta(new_off, &buf).await?;
         self.sync().await?;
         let mut hdr = [0u8; 12];
         put_be32(&mut hdr, 0, new_size as u32);
         put_be64(&mut hdr, 4, new_off);
-        self.file.write(36, &hdr, WriteFlags::NONE).await?;
+        self.write_meta(36, &hdr).await?;
         self.sync().await?;
         let old_off = self.h.l1_table_offset;
         let old_size = cur;

@@ -88,6 +88,8 @@ pub(super) struct Meta {
     pub data_unflushed: bool,
     /// Flushes are ignored (`cache=unsafe`).
     pub no_flush: bool,
+    /// Metadata was written since the last fsync.
+    pub file_dirty: bool,
     /// Internal snapshots.
     pub snapshots: Vec<Snapshot>,
     /// Lazy refcounts are in use (the dirty bit replaces ordered refcount updates).
@@ -114,6 +116,8 @@ pub(super) struct Meta {
     pub next_alloc_id: u64,
     /// A backing node is attached.
     pub has_backing: bool,
+    /// The snapshot table was read by a check (opening in check mode skips it).
+    pub snapshots_checked: bool,
     /// Where metadata lives, for overlap checks.
     pub overlap: super::overlap::OverlapIndex,
 }
@@ -126,11 +130,20 @@ impl Meta {
         Ok(buf)
     }
 
-    /// fsync of the image file, unless flushes are disabled.
-    pub async fn sync(&self) -> Result<()> {
-        if self.no_flush || self.read_only {
+    /// Writes metadata bytes to the image file (and notes that an fsync is due).
+    pub async fn write_meta(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.file_dirty = true;
+        self.file.write(offset, bytes, WriteFlags::NONE).await
+    }
+
+    /// fsync of the image file, unless flushes are disabled or nothing was written
+    /// since the last one.
+    pub async fn sync(&mut self) -> Result<()> {
+        if self.no_flush || self.read_only || !(self.file_dirty || self.data_unflushed) {
             return Ok(());
         }
+        self.file_dirty = false;
+        self.data_unflushed = false;
         self.file.flush().await
     }
 
@@ -142,10 +155,12 @@ impl Meta {
         }
         if self.data_unflushed {
             self.sync().await?;
-            self.data_unflushed = false;
         }
-        if let Some(buf) = self.l2_cache.peek(offset) {
-            self.file.write(offset, buf, WriteFlags::NONE).await?;
+        if let Some((lo, bytes)) = self.l2_cache.dirty_part(offset, 512) {
+            self.file_dirty = true;
+            self.file
+                .write(offset + lo as u64, bytes, WriteFlags::NONE)
+                .await?;
             self.l2_cache.mark_clean(offset);
         }
         Ok(())
@@ -157,8 +172,11 @@ impl Meta {
             self.flush_l2_inner().await?;
             self.refcounts_after_l2 = false;
         }
-        if let Some(buf) = self.rb_cache.peek(offset) {
-            self.file.write(offset, buf, WriteFlags::NONE).await?;
+        if let Some((lo, bytes)) = self.rb_cache.dirty_part(offset, 512) {
+            self.file_dirty = true;
+            self.file
+                .write(offset + lo as u64, bytes, WriteFlags::NONE)
+                .await?;
             self.rb_cache.mark_clean(offset);
         }
         Ok(())
@@ -313,7 +331,7 @@ impl Meta {
             if ext {
                 put_be64(t, at + 8, e.bitmap);
             }
-            self.l2_cache.mark_dirty(l2_offset);
+            self.l2_cache.mark_dirty_range(l2_offset, at, at + esize);
         }
     }
 
@@ -323,7 +341,8 @@ impl Meta {
         let bytes = self.h.serialize()?;
         let mut buf = AlignedBuf::io(self.geo.cluster_size() as usize);
         buf[..bytes.len()].copy_from_slice(&bytes);
-        self.file.write(0, &buf, WriteFlags::NONE).await?;
+        self.write_meta(0, &buf).await?;
+        self.file_dirty = true;
         self.sync().await
     }
 
@@ -331,7 +350,8 @@ impl Meta {
     pub async fn write_l1_entry(&mut self, index: u64) -> Result<()> {
         let off = self.h.l1_table_offset + index * 8;
         let bytes = self.l1[index as usize].to_be_bytes();
-        self.file.write(off, &bytes, WriteFlags::NONE).await?;
+        self.write_meta(off, &bytes).await?;
+        self.file_dirty = true;
         self.sync().await
     }
 
@@ -364,8 +384,7 @@ impl Meta {
             return Ok(());
         }
         let v = self.h.incompatible_features | incompat::DIRTY;
-        self.file
-            .write(72, &v.to_be_bytes(), WriteFlags::NONE)
+        self.write_meta(72, &v.to_be_bytes())
             .await?;
         self.sync().await?;
         self.h.incompatible_features = v;

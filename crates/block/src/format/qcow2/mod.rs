@@ -62,6 +62,8 @@ pub struct Qcow2 {
     dead: AtomicBool,
     data_file_raw: bool,
     version: u32,
+    /// Opened by `check` (the snapshot table is read by the check).
+    opened_for_check: bool,
     /// The last decompressed cluster (its compressed descriptor and data).
     decompressed: StdMutex<Option<(u64, Arc<Vec<u8>>)>>,
 }
@@ -88,6 +90,7 @@ impl Qcow2 {
             backing: RwLock::new(None),
             alloc_done: Notify::new(),
             decompressed: StdMutex::new(None),
+            opened_for_check: opts.check,
             meta: Mutex::new({
                 meta.no_flush = opts.no_flush;
                 meta

@@ -97,7 +97,8 @@ impl Qcow2Options {
     }
 }
 
-fn table_offset_valid(geo: &Geometry, offset: u64, entries: u64, entry_len: u64) -> bool {
+/// QEMU's table validation: the table must fit below 2^63 and start on a cluster.
+pub(super) fn table_offset_valid(geo: &Geometry, offset: u64, entries: u64, entry_len: u64) -> bool {
     let Some(size) = entries.checked_mul(entry_len) else {
         return false;
     };
@@ -208,11 +209,14 @@ pub(super) async fn load(file: &NodeRef, opts: &Qcow2Options) -> Result<Meta> {
     ) {
         return Err(Error::invalid("Reference count table offset invalid"));
     }
-    if h.nb_snapshots > MAX_SNAPSHOTS {
-        return Err(Error::invalid("Snapshot table too large"));
-    }
-    if !table_offset_valid(&geo, h.snapshots_offset, h.nb_snapshots as u64, 40) {
-        return Err(Error::invalid("Snapshot table offset invalid"));
+    // In check mode the snapshot table is examined (and repaired) by the check itself.
+    if !opts.check {
+        if h.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(Error::invalid("Snapshot table too large"));
+        }
+        if !table_offset_valid(&geo, h.snapshots_offset, h.nb_snapshots as u64, 40) {
+            return Err(Error::invalid("Snapshot table offset invalid"));
+        }
     }
     if h.l1_size as u64 > MAX_L1_BYTES / 8 {
         return Err(Error::invalid("Active L1 table too large"));
@@ -251,7 +255,11 @@ pub(super) async fn load(file: &NodeRef, opts: &Qcow2Options) -> Result<Meta> {
         return Err(Error::invalid("data-file-raw requires a data file"));
     }
     h.parse_backing_name(&cluster0)?;
-    let snapshots = read_snapshots(file, &h).await?;
+    let snapshots = if opts.check {
+        Vec::new()
+    } else {
+        read_snapshots(file, &h).await?
+    };
 
     let l2_bytes = opts.l2_cache_size.unwrap_or_else(|| {
         // QEMU's default: enough to cover the whole disk, at most 32 MiB.
@@ -282,6 +290,7 @@ pub(super) async fn load(file: &NodeRef, opts: &Qcow2Options) -> Result<Meta> {
         l2_after_refcounts: false,
         refcounts_after_l2: false,
         data_unflushed: false,
+        file_dirty: false,
         no_flush: opts.no_flush,
         snapshots,
         lazy_refcounts: lazy,
@@ -301,6 +310,7 @@ pub(super) async fn load(file: &NodeRef, opts: &Qcow2Options) -> Result<Meta> {
         inflight: Vec::new(),
         next_alloc_id: 0,
         has_backing: false,
+        snapshots_checked: false,
         overlap: Default::default(),
         h,
     };
@@ -319,7 +329,8 @@ pub(super) async fn read_u64_table(file: &NodeRef, offset: u64, entries: u64) ->
         .collect())
 }
 
-async fn read_snapshots(file: &NodeRef, h: &Header) -> Result<Vec<snapshot::Snapshot>> {
+/// Reads the snapshot table `h` points to.
+pub(super) async fn read_snapshots(file: &NodeRef, h: &Header) -> Result<Vec<snapshot::Snapshot>> {
     if h.nb_snapshots == 0 {
         return Ok(Vec::new());
     }

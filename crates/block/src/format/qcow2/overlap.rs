@@ -62,7 +62,7 @@ impl Meta {
                 return;
             }
             let first = off / cs;
-            let last = (off + len - 1) / cs;
+            let last = off.saturating_add(len - 1) / cs;
             // Bound the work for absurd (corrupt) ranges.
             for c in first..=last.min(first + (64 << 20) / cs) {
                 let e = map.entry(c).or_insert(kind);
@@ -139,7 +139,7 @@ impl Meta {
         }
         let cs = self.geo.cluster_size();
         let first = offset / cs;
-        let last = (offset + len - 1) / cs;
+        let last = offset.saturating_add(len - 1) / cs;
         (first..=last)
             .filter_map(|c| self.overlap.clusters.get(&c).copied())
             .min()

@@ -342,7 +342,9 @@ impl Meta {
                 break;
             };
             rb_set(block, bi, order, new);
-            self.rb_cache.mark_dirty(rb);
+            let byte = ((bi << order) / 8) as usize;
+            let width = (1usize << order).div_ceil(8);
+            self.rb_cache.mark_dirty_range(rb, byte, byte + width);
             if new == 0 {
                 if idx < self.free_cluster_index {
                     self.free_cluster_index = idx;
@@ -520,15 +522,13 @@ impl Meta {
         for (i, e) in new_table.iter().enumerate() {
             put_be64(&mut bytes, i * 8, *e);
         }
-        self.file
-            .write(table_offset, &bytes, crate::node::WriteFlags::NONE)
+        self.write_meta(table_offset, &bytes)
             .await?;
         self.sync().await?;
         let mut hdr = [0u8; 12];
         put_be64(&mut hdr, 0, table_offset);
         put_be32(&mut hdr, 8, table_clusters as u32);
-        self.file
-            .write(48, &hdr, crate::node::WriteFlags::NONE)
+        self.write_meta(48, &hdr)
             .await?;
         self.sync().await?;
         let old_offset = self.h.refcount_table_offset;
