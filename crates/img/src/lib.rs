@@ -43,6 +43,11 @@ fn dispatch(ctx: &Ctx, args: &[String]) -> i32 {
         "create" => cmd::create::run(ctx, rest),
         "info" => cmd::info::run(ctx, rest),
         "check" => cmd::check::run(ctx, rest),
+        "map" => cmd::map::run(ctx, rest),
+        "compare" => cmd::compare::run(ctx, rest),
+        "measure" => cmd::measure::run(ctx, rest),
+        "bench" => cmd::bench::run(ctx, rest),
+        "dd" => cmd::dd::run(ctx, rest),
         other if other.starts_with('-') => {
             // Standard options before the command (only -T/--trace take arguments).
             ctx.usage_error("", &format!("Command not found: {other}"))

@@ -21,6 +21,7 @@ pub mod create;
 pub mod header;
 pub mod info;
 pub mod io;
+pub mod measure;
 pub mod meta;
 pub mod open;
 pub mod overlap;
