@@ -48,6 +48,7 @@ fn dispatch(ctx: &Ctx, args: &[String]) -> i32 {
         "measure" => cmd::measure::run(ctx, rest),
         "bench" => cmd::bench::run(ctx, rest),
         "dd" => cmd::dd::run(ctx, rest),
+        "snapshot" => cmd::snapshot::run(ctx, rest),
         other if other.starts_with('-') => {
             // Standard options before the command (only -T/--trace take arguments).
             ctx.usage_error("", &format!("Command not found: {other}"))

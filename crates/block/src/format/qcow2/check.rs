@@ -479,7 +479,7 @@ impl Meta {
             )
             .await?;
         }
-        let snap_size: u64 = self.snapshots.iter().map(|s| s.encoded_len() as u64).sum();
+        let snap_size = self.snapshot_table_size();
         self.inc_refcounts(res, t, self.h.snapshots_offset, snap_size, file_len);
         self.inc_refcounts(
             res,
@@ -751,8 +751,7 @@ impl Meta {
         for (i, e) in reftable.iter().enumerate() {
             put_be64(&mut bytes, i * 8, *e);
         }
-        self.write_meta(reftable_offset, &bytes)
-            .await?;
+        self.write_meta(reftable_offset, &bytes).await?;
         let mut hdr = [0u8; 12];
         put_be64(&mut hdr, 0, reftable_offset);
         put_be32(&mut hdr, 8, reftable_clusters as u32);
@@ -914,7 +913,10 @@ impl Meta {
                 let rc = if ext {
                     1
                 } else {
-                    match self.refcount_windowed(&mut w, e.host_offset() >> geo.cluster_bits).await {
+                    match self
+                        .refcount_windowed(&mut w, e.host_offset() >> geo.cluster_bits)
+                        .await
+                    {
                         Ok(v) => v,
                         Err(_) => continue,
                     }
@@ -969,9 +971,11 @@ impl Meta {
                 ));
                 return Err(Error::errno(libc::EFBIG));
             }
-            say(format!("Discarding {} overhanging snapshots", nb - MAX_SNAPSHOTS));
-            self.write_meta(60, &MAX_SNAPSHOTS.to_be_bytes())
-                .await?;
+            say(format!(
+                "Discarding {} overhanging snapshots",
+                nb - MAX_SNAPSHOTS
+            ));
+            self.write_meta(60, &MAX_SNAPSHOTS.to_be_bytes()).await?;
             self.sync().await?;
             nb = MAX_SNAPSHOTS;
             self.h.nb_snapshots = nb;

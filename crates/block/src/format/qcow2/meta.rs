@@ -116,6 +116,8 @@ pub(super) struct Meta {
     pub next_alloc_id: u64,
     /// A backing node is attached.
     pub has_backing: bool,
+    /// Size of the snapshot table last written (0: derive it from the entries).
+    pub written_snapshot_size: u64,
     /// The snapshot table was read by a check (opening in check mode skips it).
     pub snapshots_checked: bool,
     /// Where metadata lives, for overlap checks.
@@ -384,8 +386,7 @@ impl Meta {
             return Ok(());
         }
         let v = self.h.incompatible_features | incompat::DIRTY;
-        self.write_meta(72, &v.to_be_bytes())
-            .await?;
+        self.write_meta(72, &v.to_be_bytes()).await?;
         self.sync().await?;
         self.h.incompatible_features = v;
         Ok(())

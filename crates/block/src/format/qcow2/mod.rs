@@ -28,6 +28,7 @@ pub mod overlap;
 pub mod refcount;
 pub mod resize;
 pub mod snapshot;
+pub mod snapshot_ops;
 pub mod types;
 pub mod zero;
 

@@ -98,7 +98,12 @@ impl Qcow2Options {
 }
 
 /// QEMU's table validation: the table must fit below 2^63 and start on a cluster.
-pub(super) fn table_offset_valid(geo: &Geometry, offset: u64, entries: u64, entry_len: u64) -> bool {
+pub(super) fn table_offset_valid(
+    geo: &Geometry,
+    offset: u64,
+    entries: u64,
+    entry_len: u64,
+) -> bool {
     let Some(size) = entries.checked_mul(entry_len) else {
         return false;
     };
@@ -311,6 +316,7 @@ pub(super) async fn load(file: &NodeRef, opts: &Qcow2Options) -> Result<Meta> {
         next_alloc_id: 0,
         has_backing: false,
         snapshots_checked: false,
+        written_snapshot_size: 0,
         overlap: Default::default(),
         h,
     };

@@ -97,7 +97,7 @@ impl Meta {
             }
         }
         if self.h.nb_snapshots > 0 {
-            let len: u64 = self.snapshots.iter().map(|s| s.encoded_len() as u64).sum();
+            let len = self.snapshot_table_size();
             add_range(
                 &mut map,
                 self.h.snapshots_offset,

@@ -522,14 +522,12 @@ impl Meta {
         for (i, e) in new_table.iter().enumerate() {
             put_be64(&mut bytes, i * 8, *e);
         }
-        self.write_meta(table_offset, &bytes)
-            .await?;
+        self.write_meta(table_offset, &bytes).await?;
         self.sync().await?;
         let mut hdr = [0u8; 12];
         put_be64(&mut hdr, 0, table_offset);
         put_be32(&mut hdr, 8, table_clusters as u32);
-        self.write_meta(48, &hdr)
-            .await?;
+        self.write_meta(48, &hdr).await?;
         self.sync().await?;
         let old_offset = self.h.refcount_table_offset;
         let old_size = self.reftable.len() as u64;
