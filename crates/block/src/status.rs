@@ -17,7 +17,9 @@ pub struct ChainStatus {
 
 /// The status of one node at `offset`, with QEMU's generic additions.
 pub async fn block_status(node: &NodeRef, offset: u64, len: u64) -> Result<BlockStatus> {
-    let size = node.size();
+    // QEMU measures nodes in whole 512-byte sectors: the tail of a file whose length is
+    // not a multiple of that has a status (a hole) too.
+    let size = sector_len(node);
     if offset >= size {
         return Ok(BlockStatus {
             len: 0,
@@ -34,7 +36,7 @@ pub async fn block_status(node: &NodeRef, offset: u64, len: u64) -> Result<Block
         match node.backing() {
             None => st.zero = true,
             Some(b) => {
-                if offset >= b.size() {
+                if offset >= sector_len(&b) {
                     st.zero = true;
                 }
             }
@@ -55,6 +57,11 @@ pub async fn block_status(node: &NodeRef, offset: u64, len: u64) -> Result<Block
         }
     }
     Ok(st)
+}
+
+/// A node's length rounded up to whole sectors, as QEMU's block layer reports lengths.
+fn sector_len(node: &NodeRef) -> u64 {
+    node.size().div_ceil(512) * 512
 }
 
 /// The status at `offset` from the top of `top`'s backing chain: the first layer that

@@ -68,6 +68,9 @@ pub struct Qcow2 {
     opened_for_check: bool,
     /// The last decompressed cluster (its compressed descriptor and data).
     decompressed: StdMutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// Whether the image looks preallocated with `preallocation=metadata` (data clusters
+    /// mapped to holes of the file): 0 not yet known, 1 no, 2 yes.
+    metadata_prealloc: std::sync::atomic::AtomicU8,
 }
 
 impl Qcow2 {
@@ -93,6 +96,7 @@ impl Qcow2 {
             alloc_done: Notify::new(),
             decompressed: StdMutex::new(None),
             opened_for_check: opts.check,
+            metadata_prealloc: std::sync::atomic::AtomicU8::new(0),
             meta: Mutex::new({
                 meta.no_flush = opts.no_flush;
                 meta
@@ -193,6 +197,40 @@ impl Qcow2 {
             return Err(Error::errno(libc::EACCES));
         }
         Ok(())
+    }
+
+    /// QEMU's heuristic for `preallocation=metadata` images: noticeably more clusters
+    /// have a refcount than the file has space allocated for. Block status then asks the
+    /// file whether data clusters are holes (they read as zeroes). Checked once; an
+    /// error while counting means no, as in QEMU.
+    async fn detect_metadata_prealloc(&self, m: &mut Meta) -> bool {
+        match self.metadata_prealloc.load(Ordering::Acquire) {
+            1 => return false,
+            2 => return true,
+            _ => {}
+        }
+        let cs = self.geo.cluster_size();
+        let file_len = self.file.size().div_ceil(512) * 512;
+        let real = self.file.allocated_size().await.unwrap_or(0) / cs;
+        let threshold = (real * 10 / 9).max(real + 2);
+        let mut count = 0;
+        for i in 0..file_len.div_ceil(cs) {
+            if count >= threshold {
+                break;
+            }
+            match m.get_refcount(i).await {
+                Ok(0) => {}
+                Ok(_) => count += 1,
+                Err(_) => {
+                    count = 0;
+                    break;
+                }
+            }
+        }
+        let found = count >= threshold;
+        self.metadata_prealloc
+            .store(if found { 2 } else { 1 }, Ordering::Release);
+        found
     }
 
     /// Runs `f` on the locked metadata, marking the node dead if `f` reported a fatal
@@ -299,10 +337,15 @@ impl BlockDriver for Qcow2 {
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         self.check_alive()?;
-        let mapping = {
+        let (mapping, prealloc) = {
             let mut m = self.meta.lock().await;
             let r = m.get_host_offset(offset, len).await;
-            self.with_meta(&mut m, r).await?
+            let mapping = self.with_meta(&mut m, r).await?;
+            let prealloc = mapping.ty.has_host()
+                && !mapping.ty.is_zero()
+                && !mapping.ty.is_unallocated()
+                && self.detect_metadata_prealloc(&mut m).await;
+            (mapping, prealloc)
         };
         let mut st = BlockStatus {
             len: mapping.len.min(len),
@@ -323,7 +366,7 @@ impl BlockDriver for Qcow2 {
         if mapping.ty == ScType::Compressed {
             st.compressed = true;
         }
-        if self.data_file_raw && st.data {
+        if prealloc && st.data && st.host.is_some() {
             st.recurse = true;
         }
         Ok(st)

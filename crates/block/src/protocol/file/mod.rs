@@ -79,6 +79,10 @@ pub struct FileNode {
     punch_hole: AtomicBool,
     /// O_DIRECT read-modify-write cycles exclude overlapping writes (see [`direct`]).
     rmw: tokio::sync::RwLock<()>,
+    /// The last data extent `SEEK_DATA`/`SEEK_HOLE` found, as QEMU's block-status cache
+    /// keeps it: status queries inside it need no system call. Writes overlapping it
+    /// forget it.
+    data_extent: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
 impl FileNode {
@@ -144,6 +148,7 @@ impl FileNode {
             zero_range: AtomicBool::new(true),
             punch_hole: AtomicBool::new(true),
             rmw: tokio::sync::RwLock::new(()),
+            data_extent: std::sync::Mutex::new(None),
         })
     }
 
@@ -159,6 +164,23 @@ impl FileNode {
         lock::apply(self.fd(), req, &self.filename)?;
         *self.locked.lock().unwrap_or_else(|p| p.into_inner()) = true;
         Ok(())
+    }
+
+    /// The end of the cached data extent containing `offset`, if any.
+    fn cached_data_end(&self, offset: u64) -> Option<u64> {
+        let c = *self.data_extent.lock().unwrap_or_else(|p| p.into_inner());
+        c.filter(|&(start, end)| (start..end).contains(&offset))
+            .map(|(_, end)| end)
+    }
+
+    /// Forgets the cached data extent if `[offset, offset + len)` overlaps it.
+    fn forget_data_extent(&self, offset: u64, len: u64) {
+        let mut c = self.data_extent.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((start, end)) = *c {
+            if offset < end && offset.saturating_add(len) > start {
+                *c = None;
+            }
+        }
     }
 
     fn note_end(&self, end: u64) {
@@ -363,6 +385,7 @@ impl BlockDriver for FileNode {
         if self.read_only {
             return Err(Error::errno(libc::EBADF));
         }
+        self.forget_data_extent(offset, buf.len() as u64);
         if self.direct {
             if !self.is_aligned(offset, buf.len(), buf.as_ptr() as usize) {
                 direct::write_unaligned(self, offset, buf).await?;
@@ -383,6 +406,7 @@ impl BlockDriver for FileNode {
         if self.read_only {
             return Err(Error::errno(libc::EBADF));
         }
+        self.forget_data_extent(offset, len);
         let end = offset + len;
         let aligned = self.is_aligned(offset, len as usize, 0);
         let mut done = false;
@@ -453,6 +477,7 @@ impl BlockDriver for FileNode {
         if self.read_only {
             return Err(Error::errno(libc::EBADF));
         }
+        self.forget_data_extent(offset, len);
         if self.is_block_device || !self.punch_hole.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -499,6 +524,10 @@ impl BlockDriver for FileNode {
         if self.is_block_device {
             return Ok(st);
         }
+        if let Some(end) = self.cached_data_end(offset) {
+            st.len = len.min(end - offset);
+            return Ok(st);
+        }
         match self.seek(offset, libc::SEEK_DATA) {
             Err(libc::ENXIO) => {
                 // Only a hole up to the end of the file.
@@ -515,6 +544,10 @@ impl BlockDriver for FileNode {
             Ok(_) => {
                 let hole = self.seek(offset, libc::SEEK_HOLE).unwrap_or(size);
                 st.len = len.min(hole.saturating_sub(offset).max(1));
+                if hole > offset && self.align.request == 1 {
+                    *self.data_extent.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((offset, hole));
+                }
             }
         }
         // Report in units of the request alignment.
@@ -533,6 +566,7 @@ impl BlockDriver for FileNode {
         if self.read_only {
             return Err(Error::errno(libc::EBADF));
         }
+        self.forget_data_extent(0, u64::MAX);
         let cur = self.size();
         if self.is_block_device {
             if size > cur {
