@@ -78,6 +78,8 @@ pub struct ImageArgs {
     pub check: bool,
     /// Metadata only (no data file, no repair).
     pub no_io: bool,
+    /// AIO engine (`-i`, `-n`), when not the default.
+    pub aio: Option<rqemu_block::AioMode>,
 }
 
 /// Opens an image as qemu-img's `img_open` does; errors are reported as
@@ -105,6 +107,9 @@ pub async fn open_image_err(a: &ImageArgs) -> rqemu_block::Result<BlockBackend> 
     if let Some(c) = &a.cache {
         o.cache = CacheMode::parse(c)?;
     }
+    if let Some(aio) = a.aio {
+        o.aio = aio;
+    }
     if a.image_opts {
         o.options = KeyVal::parse(&a.filename, Some("file"))
             .map_err(|e| rqemu_block::Error::invalid(e.to_string()))?;
@@ -127,4 +132,230 @@ pub fn parse_output(ctx: &Ctx, v: &str) -> Result<bool, i32> {
             Err(1)
         }
     }
+}
+
+/// Converts a numeric option as qemu-img's `cvtnum_full` does: a size with suffixes when
+/// `is_size`, else a C integer (decimal, `0x` hex or `0` octal); values outside
+/// `min..=max` are refused. Errors are reported in QEMU's words.
+pub fn cvtnum_full(
+    ctx: &Ctx,
+    name: &str,
+    value: &str,
+    is_size: bool,
+    min: i64,
+    max: i64,
+) -> Option<i64> {
+    let parsed = if is_size {
+        parse_size_signed(value)
+    } else {
+        parse_c_u64(value)
+    };
+    match parsed {
+        Err(rqemu_opts::SizeError::Invalid) => {
+            ctx.error(&format!("Invalid {name} specified: '{value}'."));
+            None
+        }
+        Ok(v) if v >= min.max(0) as u64 && v <= max as u64 => Some(v as i64),
+        _ => {
+            ctx.error(&format!(
+                "Invalid {name} specified. Must be between {min} and {max}."
+            ));
+            None
+        }
+    }
+}
+
+/// `qemu_strtosz`, which calls a negative number out of range rather than invalid.
+fn parse_size_signed(value: &str) -> Result<u64, rqemu_opts::SizeError> {
+    let t = value.trim_start();
+    if let Some(rest) = t.strip_prefix('-') {
+        if rest.starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(rqemu_opts::SizeError::Range);
+        }
+    }
+    rqemu_opts::parse_size(value, 1)
+}
+
+/// `qemu_strtou64(value, NULL, 0, ...)`: C's `strtoull` with base detection, the whole
+/// string consumed; a negative number wraps (and so is out of range for callers).
+fn parse_c_u64(value: &str) -> Result<u64, rqemu_opts::SizeError> {
+    use rqemu_opts::SizeError;
+    let t = value.trim_start();
+    let (neg, t) = match t.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let (radix, digits) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        (16, h)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (8, &t[1..])
+    } else {
+        (10, t)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(SizeError::Invalid);
+    }
+    let v = u64::from_str_radix(digits, radix).map_err(|_| SizeError::Range)?;
+    Ok(if neg { v.wrapping_neg() } else { v })
+}
+
+/// Why an `--object` definition was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ObjectError {
+    /// Help was asked for and printed: exit successfully.
+    Help,
+    /// The definition was refused; the error has been reported.
+    Invalid,
+}
+
+/// User-creatable object types, as `--object help` lists them.
+const OBJECT_TYPES: &[&str] = &[
+    "authz-list",
+    "authz-list-file",
+    "authz-simple",
+    "main-loop",
+    "pr-manager-helper",
+    "secret",
+    "secret_keyring",
+    "thread-context",
+    "throttle-group",
+    "tls-creds-anon",
+    "tls-creds-psk",
+    "tls-creds-x509",
+];
+
+/// The `--object` definitions of one command line (QEMU's user-creatable objects). rqemu
+/// validates them as QEMU does when it creates them; nothing uses them yet (no encrypted
+/// images or throttling).
+#[derive(Debug, Default)]
+pub struct Objects {
+    ids: Vec<String>,
+}
+
+impl Objects {
+    /// Checks and records one definition. When the command has to stop, returns its
+    /// exit status: 0 after printing help, `fail` after reporting an error.
+    pub fn define(&mut self, ctx: &Ctx, def: &str, fail: i32) -> Result<(), i32> {
+        self.add(ctx, def).map_err(|e| match e {
+            ObjectError::Help => 0,
+            ObjectError::Invalid => fail,
+        })
+    }
+
+    fn add(&mut self, ctx: &Ctx, def: &str) -> Result<(), ObjectError> {
+        let invalid = |msg: &str| {
+            ctx.error(msg);
+            Err(ObjectError::Invalid)
+        };
+        let kv = match KeyVal::parse(def, Some("qom-type")) {
+            Ok(kv) => kv,
+            Err(e) => return invalid(&e.to_string()),
+        };
+        let Some(ty) = kv.get("qom-type") else {
+            return invalid("Parameter 'qom-type' is missing");
+        };
+        if ty == "help" {
+            rqemu_cli::outp!("List of user creatable objects:\n");
+            for t in OBJECT_TYPES {
+                rqemu_cli::outp!("  {t}\n");
+            }
+            return Err(ObjectError::Help);
+        }
+        if !OBJECT_TYPES.contains(&ty) {
+            return invalid(&format!(
+                "Parameter 'qom-type' does not accept value '{ty}'"
+            ));
+        }
+        if ty == "secret" && kv.contains("help") {
+            rqemu_cli::outp!(
+                "secret options:\n  data=<string>\n  file=<string>\n  format=<QCryptoSecretFormat>\n  iv=<string>\n  keyid=<string>\n"
+            );
+            return Err(ObjectError::Help);
+        }
+        let Some(id) = kv.get("id") else {
+            return invalid("Parameter 'id' is missing");
+        };
+        let ident = id.starts_with(|c: char| c.is_ascii_alphabetic())
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+        if !ident {
+            return invalid("Parameter 'id' expects an identifier\nIdentifiers consist of letters, digits, '-', '.', '_', starting with a letter.");
+        }
+        if ty == "secret" {
+            for (k, v) in kv.iter() {
+                match k {
+                    "qom-type" | "id" | "data" | "file" | "keyid" | "iv" | "loaded" => {}
+                    "format" if v == "raw" || v == "base64" => {}
+                    "format" => {
+                        return invalid(&format!("Parameter 'format' does not accept value '{v}'"))
+                    }
+                    other => return invalid(&format!("Parameter '{other}' is unexpected")),
+                }
+            }
+            match (kv.get("data"), kv.get("file")) {
+                (Some(_), Some(_)) => return invalid("'data' and 'file' are mutually exclusive"),
+                (None, None) => return invalid("Either 'file' or 'data' must be provided"),
+                (None, Some(f)) => {
+                    if let Err(e) = std::fs::read(f) {
+                        return invalid(&format!(
+                            "Unable to read {f}: Failed to open file “{f}”: {}",
+                            rqemu_block::error::strerror(e.raw_os_error().unwrap_or(libc::EIO))
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if self.ids.iter().any(|i| i == id) {
+            return invalid(&format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            ));
+        }
+        self.ids.push(id.to_string());
+        Ok(())
+    }
+
+    /// Whether an object with this id was defined.
+    pub fn contains(&self, id: &str) -> bool {
+        self.ids.iter().any(|i| i == id)
+    }
+}
+
+/// qemu-img's checks before opening with `--image-opts`: no `-f` beside it.
+pub fn check_image_opts(ctx: &Ctx, a: &ImageArgs) -> bool {
+    if a.image_opts && a.format.is_some() {
+        ctx.error("--image-opts and --format are mutually exclusive");
+        return false;
+    }
+    if !a.image_opts {
+        return true;
+    }
+    if let Ok(kv) = KeyVal::parse(&a.filename, Some("file")) {
+        if a.force_share && kv.get("force-share").is_some_and(|v| v != "on") {
+            ctx.error("--force-share/-U conflicts with image options");
+            return false;
+        }
+        // A plain `file=NAME` refers to an existing node, and qemu-img has none.
+        if let Some(name) = kv.get("file") {
+            ctx.error(&format!(
+                "Could not open '{}': Cannot find device='{name}' nor node-name='{name}'",
+                a.filename
+            ));
+            return false;
+        }
+    }
+    true
+}
+
+/// Reads `buf.len()` bytes at `offset` of an image whose length QEMU counts in whole
+/// sectors: the part of a raw file's partial last sector past its end reads as zeroes.
+pub async fn read_sectors(
+    blk: &BlockBackend,
+    offset: u64,
+    buf: &mut [u8],
+) -> rqemu_block::Result<()> {
+    let n = blk.size().saturating_sub(offset).min(buf.len() as u64) as usize;
+    buf[n..].fill(0);
+    blk.read(offset, &mut buf[..n]).await
 }
