@@ -103,7 +103,9 @@ pub fn run_ok<S: AsRef<std::ffi::OsStr>>(prog: impl AsRef<std::ffi::OsStr>, args
         o.status.success(),
         "{:?} {:?} failed ({}):\nstdout: {}\nstderr: {}",
         prog.as_ref(),
-        args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect::<Vec<_>>(),
+        args.iter()
+            .map(|a| a.as_ref().to_string_lossy().into_owned())
+            .collect::<Vec<_>>(),
         o.status,
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)

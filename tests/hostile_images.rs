@@ -19,7 +19,13 @@ fn poke(file: &str, offset: u64, bytes: &[u8]) {
 /// (exit code, stdout, stderr).
 fn run_limited(prog: &str, args: &[&str]) -> (i32, String, String) {
     let mut cmd = Command::new("timeout");
-    cmd.arg("60").arg("sh").arg("-c").arg("ulimit -v 2097152; exec \"$@\"").arg("sh").arg(prog).args(args);
+    cmd.arg("60")
+        .arg("sh")
+        .arg("-c")
+        .arg("ulimit -v 2097152; exec \"$@\"")
+        .arg("sh")
+        .arg(prog)
+        .args(args);
     let o = cmd.output().unwrap();
     let code = o.status.code().unwrap_or(-1);
     (
@@ -53,30 +59,95 @@ fn cases() -> Vec<Case> {
         open_fails,
     };
     vec![
-        Case { truncate: Some(50), ..c("truncated header", vec![], true) },
-        Case { truncate: Some(100), ..c("header cut inside v3 fields", vec![], true) },
-        Case { truncate: Some(0), ..c("empty file as qcow2", vec![], true) },
+        Case {
+            truncate: Some(50),
+            ..c("truncated header", vec![], true)
+        },
+        Case {
+            truncate: Some(100),
+            ..c("header cut inside v3 fields", vec![], true)
+        },
+        Case {
+            truncate: Some(0),
+            ..c("empty file as qcow2", vec![], true)
+        },
         c("bad version", vec![(4, be32(7))], true),
         c("huge cluster bits", vec![(20, be32(40))], true),
         c("huge header length", vec![(100, be32(0xffff_fff8))], true),
         c("absurd l1_size", vec![(36, be32(0xffff_ffff))], true),
         c("l1 table too small", vec![(36, be32(0))], true),
-        c("misaligned l1 table", vec![(40, be64(0x1234_5678_90ab_cdef))], true),
-        c("l1 table past end of file", vec![(40, be64(0x7fff_ffff_0000_0000))], false),
-        c("absurd refcount_table_clusters", vec![(56, be32(0xffff_ffff))], true),
-        c("misaligned refcount table", vec![(48, be64(0x1234_5678_90ab_cdef))], true),
-        c("refcount table past end", vec![(48, be64(0xffff_ffff_ffff_0000)), (56, be32(0x7f))], true),
+        c(
+            "misaligned l1 table",
+            vec![(40, be64(0x1234_5678_90ab_cdef))],
+            true,
+        ),
+        c(
+            "l1 table past end of file",
+            vec![(40, be64(0x7fff_ffff_0000_0000))],
+            false,
+        ),
+        c(
+            "absurd refcount_table_clusters",
+            vec![(56, be32(0xffff_ffff))],
+            true,
+        ),
+        c(
+            "misaligned refcount table",
+            vec![(48, be64(0x1234_5678_90ab_cdef))],
+            true,
+        ),
+        c(
+            "refcount table past end",
+            vec![(48, be64(0xffff_ffff_ffff_0000)), (56, be32(0x7f))],
+            true,
+        ),
         c("absurd snapshot count", vec![(60, be32(0xffff_ffff))], true),
-        c("snapshot table past end", vec![(60, be32(2)), (64, be64(0x100_0000_0000))], false),
-        c("backing name too long", vec![(8, be64(0x1000)), (16, be32(0xffff_ffff))], true),
-        c("invalid backing offset", vec![(8, be64(0xffff_ffff_ffff_ffff))], true),
-        c("unknown incompatible feature", vec![(72, be64(1 << 40))], true),
+        c(
+            "snapshot table past end",
+            vec![(60, be32(2)), (64, be64(0x100_0000_0000))],
+            false,
+        ),
+        c(
+            "backing name too long",
+            vec![(8, be64(0x1000)), (16, be32(0xffff_ffff))],
+            true,
+        ),
+        c(
+            "invalid backing offset",
+            vec![(8, be64(0xffff_ffff_ffff_ffff))],
+            true,
+        ),
+        c(
+            "unknown incompatible feature",
+            vec![(72, be64(1 << 40))],
+            true,
+        ),
         c("refcount order too large", vec![(96, be32(7))], true),
-        c("unknown compression type", vec![(72, be64(1 << 3)), (104, vec![9])], true),
-        c("l2 table offset unaligned", vec![(0x30000, be64(0x8000_0000_0004_2a00))], false),
-        c("l2 table beyond the file", vec![(0x30000, be64(0x8000_0fff_ffff_0000))], false),
-        c("l1 points at the header", vec![(0x30000, be64(0x8000_0000_0000_0000))], false),
-        c("refblock overlapping the l1 table", vec![(0x10000, be64(0x30000))], false),
+        c(
+            "unknown compression type",
+            vec![(72, be64(1 << 3)), (104, vec![9])],
+            true,
+        ),
+        c(
+            "l2 table offset unaligned",
+            vec![(0x30000, be64(0x8000_0000_0004_2a00))],
+            false,
+        ),
+        c(
+            "l2 table beyond the file",
+            vec![(0x30000, be64(0x8000_0fff_ffff_0000))],
+            false,
+        ),
+        c(
+            "l1 points at the header",
+            vec![(0x30000, be64(0x8000_0000_0000_0000))],
+            false,
+        ),
+        c(
+            "refblock overlapping the l1 table",
+            vec![(0x10000, be64(0x30000))],
+            false,
+        ),
     ]
 }
 
@@ -104,25 +175,61 @@ fn hostile_images_fail_cleanly() {
             vec!["check", "-f", "qcow2", img.as_str()],
         ] {
             let (code, out, err) = run_limited(&img_tool, &args);
-            assert!(code != 101 && code != 124 && code != -1, "{}: {args:?} crashed or hung ({code}): {err}", case.name);
-            assert!(!err.contains("panicked"), "{}: {args:?} panicked: {err}", case.name);
+            assert!(
+                code != 101 && code != 124 && code != -1,
+                "{}: {args:?} crashed or hung ({code}): {err}",
+                case.name
+            );
+            assert!(
+                !err.contains("panicked"),
+                "{}: {args:?} panicked: {err}",
+                case.name
+            );
             if case.open_fails {
                 assert_ne!(code, 0, "{}: {args:?} accepted the image: {out}", case.name);
                 if args[0] == "info" {
                     let first = err.lines().next().unwrap_or("");
-                    assert!(first.contains("bad.qcow2"), "{}: message does not name the file: {err}", case.name);
+                    assert!(
+                        first.contains("bad.qcow2"),
+                        "{}: message does not name the file: {err}",
+                        case.name
+                    );
                 }
                 if qemu_is_10() {
                     let q = Command::new("qemu-img").args(&args).output().unwrap();
                     let qerr = String::from_utf8_lossy(&q.stderr);
                     assert_eq!(normalize(&err), normalize(&qerr), "{}: {args:?}", case.name);
-                    assert_eq!(Some(code), q.status.code(), "{}: exit status of {args:?}", case.name);
+                    assert_eq!(
+                        Some(code),
+                        q.status.code(),
+                        "{}: exit status of {args:?}",
+                        case.name
+                    );
                 }
             }
         }
-        let (code, _out, err) = run_limited(&io_tool, &["-f", "qcow2", "-c", "read 0 128k", "-c", "write -P 1 0 4k", &img]);
-        assert!(code != 101 && code != 124 && code != -1, "{}: rqemu-io crashed or hung ({code}): {err}", case.name);
-        assert!(!err.contains("panicked"), "{}: rqemu-io panicked: {err}", case.name);
+        let (code, _out, err) = run_limited(
+            &io_tool,
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "read 0 128k",
+                "-c",
+                "write -P 1 0 4k",
+                &img,
+            ],
+        );
+        assert!(
+            code != 101 && code != 124 && code != -1,
+            "{}: rqemu-io crashed or hung ({code}): {err}",
+            case.name
+        );
+        assert!(
+            !err.contains("panicked"),
+            "{}: rqemu-io panicked: {err}",
+            case.name
+        );
         if case.open_fails {
             assert_ne!(code, 0, "{}: rqemu-io accepted the image", case.name);
         }
@@ -136,8 +243,16 @@ fn backing_loops_are_refused() {
     let a = s.file("a.qcow2");
     let b = s.file("b.qcow2");
     run_ok("qemu-img", &["create", "-q", "-f", "qcow2", &a, "1M"]);
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", &b]);
-    run_ok("qemu-img", &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", &a]);
+    run_ok(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", &b,
+        ],
+    );
+    run_ok(
+        "qemu-img",
+        &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", &a],
+    );
     let io_tool = bin("rqemu-io").to_string_lossy().into_owned();
     let img_tool = bin("rqemu-img").to_string_lossy().into_owned();
     for args in [
@@ -147,7 +262,10 @@ fn backing_loops_are_refused() {
     ] {
         let (code, _, err) = run_limited(&io_tool, &args);
         assert_eq!(code, 1, "{args:?}: {err}");
-        assert!(err.starts_with("rqemu-io: can't open device"), "{args:?}: {err}");
+        assert!(
+            err.starts_with("rqemu-io: can't open device"),
+            "{args:?}: {err}"
+        );
     }
     let (code, _, err) = run_limited(&img_tool, &["info", "--backing-chain", "-U", &b]);
     assert_eq!(code, 1);

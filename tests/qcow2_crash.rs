@@ -108,7 +108,12 @@ fn killed_writer_leaves_consistent_image() {
             let _ = std::fs::remove_file(&img);
             let base = s.file("base.qcow2");
             let _ = std::fs::remove_file(&base);
-            let mut args = vec!["create".to_string(), "-q".into(), "-f".into(), "qcow2".into()];
+            let mut args = vec![
+                "create".to_string(),
+                "-q".into(),
+                "-f".into(),
+                "qcow2".into(),
+            ];
             let mut o = opts.to_string();
             if rounds % 2 == 0 {
                 run_ok("qemu-img", &["create", "-q", "-f", "qcow2", &base, "256M"]);
@@ -125,7 +130,12 @@ fn killed_writer_leaves_consistent_image() {
             args.push("256M".into());
             run_ok("qemu-img", &args);
             let mut child = Command::new(&exe)
-                .args(["crash_writer_child", "--exact", "--nocapture", "--test-threads=1"])
+                .args([
+                    "crash_writer_child",
+                    "--exact",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
                 .env("RQEMU_CRASH_IMAGE", &img)
                 .env("RQEMU_CRASH_FLUSH_EVERY", flush_every.to_string())
                 .stdout(Stdio::piped())
@@ -163,7 +173,10 @@ fn killed_writer_leaves_consistent_image() {
                 &img,
                 flushed,
                 opts.contains("lazy"),
-                &format!("opts '{opts}', backing {}, kill after {delay_ms} ms, {flushed} writes flushed", rounds % 2 == 0),
+                &format!(
+                    "opts '{opts}', backing {}, kill after {delay_ms} ms, {flushed} writes flushed",
+                    rounds % 2 == 0
+                ),
             );
         }
     }

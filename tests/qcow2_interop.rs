@@ -3,7 +3,10 @@
 //! creates and writes must read the same through rqemu; `info` and `check` must print
 //! what qemu-img prints.
 
-use rqemu::{assert_qemu_check_clean, bin, normalize, qemu_is_10, qemu_raw_content, require_qemu, run, run_ok, Scratch};
+use rqemu::{
+    assert_qemu_check_clean, bin, normalize, qemu_is_10, qemu_raw_content, require_qemu, run,
+    run_ok, Scratch,
+};
 
 fn rqemu_img() -> String {
     bin("rqemu-img").to_string_lossy().into_owned()
@@ -27,7 +30,9 @@ fn rqemu_content(img: &str) -> Vec<u8> {
             quiet_probe: true,
             ..Default::default()
         };
-        let b = rqemu_block::BlockBackend::open(&o).await.expect("open image");
+        let b = rqemu_block::BlockBackend::open(&o)
+            .await
+            .expect("open image");
         let mut buf = vec![0u8; b.size() as usize];
         b.read(0, &mut buf).await.expect("read image");
         b.close().await.unwrap();
@@ -91,11 +96,18 @@ fn created_images_pass_qemu_check_and_show_what_was_asked() {
         let want_size = match rqemu_opts::parse_size(size, 1).unwrap() {
             n => n.div_ceil(512) * 512,
         };
-        assert_eq!(json_field(&info, "virtual-size"), Some(want_size.to_string()), "{opts}");
+        assert_eq!(
+            json_field(&info, "virtual-size"),
+            Some(want_size.to_string()),
+            "{opts}"
+        );
         for kv in opts.split(',').filter(|x| !x.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap();
             let (field, want) = match k {
-                "cluster_size" => ("cluster-size", rqemu_opts::parse_size(v, 1).unwrap().to_string()),
+                "cluster_size" => (
+                    "cluster-size",
+                    rqemu_opts::parse_size(v, 1).unwrap().to_string(),
+                ),
                 "compat" => ("compat", v.to_string()),
                 "refcount_bits" => ("refcount-bits", v.to_string()),
                 "lazy_refcounts" => ("lazy-refcounts", (v == "on").to_string()),
@@ -111,7 +123,10 @@ fn created_images_pass_qemu_check_and_show_what_was_asked() {
             let mut a2 = args.clone();
             a2.extend([theirs.as_str(), size]);
             run_ok("qemu-img", &a2);
-            let (x, y) = (std::fs::read(&ours).unwrap(), std::fs::read(&theirs).unwrap());
+            let (x, y) = (
+                std::fs::read(&ours).unwrap(),
+                std::fs::read(&theirs).unwrap(),
+            );
             assert!(x == y, "{opts} {size}: image differs from qemu-img's");
         }
     }
@@ -167,7 +182,18 @@ fn reads_what_qemu_wrote() {
         // rqemu-io sees the same patterns.
         let out = run_ok(
             rqemu_io(),
-            &["-r", "-c", "read -P 0x11 0 64k", "-c", "read -P 0x14 2M 128k", "-c", "read -P 0x15 4M 64k", "-c", "read -P 0 2560k 128k", &img],
+            &[
+                "-r",
+                "-c",
+                "read -P 0x11 0 64k",
+                "-c",
+                "read -P 0x14 2M 128k",
+                "-c",
+                "read -P 0x15 4M 64k",
+                "-c",
+                "read -P 0 2560k 128k",
+                &img,
+            ],
         );
         assert!(!out.contains("verification failed"), "{opts}: {out}");
     }
@@ -183,21 +209,67 @@ fn reads_snapshots_and_backing_chains_made_by_qemu() {
     let top = s.file("top.qcow2");
     run_ok("qemu-img", &["create", "-q", "-f", "qcow2", &b0, "4M"]);
     qemu_io(&b0, &["write -P 1 0 4M"]);
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "b0.qcow2", "-F", "qcow2", &b1]);
+    run_ok(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "b0.qcow2", "-F", "qcow2", &b1,
+        ],
+    );
     qemu_io(&b1, &["write -P 2 1M 1M", "write -z 3M 64k"]);
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", &b1, "-F", "qcow2", &b2]);
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "-b",
+            &b1,
+            "-F",
+            "qcow2",
+            &b2,
+        ],
+    );
     qemu_io(&b2, &["write -P 3 1000 5000", "write -P 4 1572864 4k"]);
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "b2.qcow2", "-F", "qcow2", &top]);
+    run_ok(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "b2.qcow2", "-F", "qcow2", &top,
+        ],
+    );
     qemu_io(&top, &["write -P 5 3670016 64k"]);
     run_ok("qemu-img", &["snapshot", "-c", "snap1", &top]);
     qemu_io(&top, &["write -P 6 0 128k", "write -P 7 3670016 4k"]);
     let want = qemu_raw_content(&top, &s);
     assert!(rqemu_content(&top) == want, "chain content differs");
     // Writing through rqemu into an image with snapshots copies shared clusters.
-    let out = run_ok(rqemu_io(), &["-c", "write -P 8 3670016 8k", "-c", "write -P 9 1M 4k", &top]);
+    let out = run_ok(
+        rqemu_io(),
+        &[
+            "-c",
+            "write -P 8 3670016 8k",
+            "-c",
+            "write -P 9 1M 4k",
+            &top,
+        ],
+    );
     assert!(out.contains("wrote 8192/8192"), "{out}");
     assert_qemu_check_clean(&top);
-    let v = run_ok("qemu-io", &["-r", "-c", "read -P 8 3670016 8k", "-c", "read -P 9 1M 4k", "-c", "read -P 6 0 128k", &top]);
+    let v = run_ok(
+        "qemu-io",
+        &[
+            "-r",
+            "-c",
+            "read -P 8 3670016 8k",
+            "-c",
+            "read -P 9 1M 4k",
+            "-c",
+            "read -P 6 0 128k",
+            &top,
+        ],
+    );
     assert!(!v.contains("failed"), "{v}");
 }
 
@@ -221,13 +293,26 @@ const RQEMU_WRITES: &[&str] = &[
 fn qemu_reads_what_rqemu_wrote() {
     require_qemu!();
     let s = Scratch::new("writeq");
-    for opts in ["", "compat=0.10", "cluster_size=4k", "extended_l2=on", "lazy_refcounts=on", "refcount_bits=1,cluster_size=512", "compression_type=zstd"] {
+    for opts in [
+        "",
+        "compat=0.10",
+        "cluster_size=4k",
+        "extended_l2=on",
+        "lazy_refcounts=on",
+        "refcount_bits=1,cluster_size=512",
+        "compression_type=zstd",
+    ] {
         for backing in [false, true] {
             let base = s.file("base.qcow2");
             let ours = s.file("ours.qcow2");
             let theirs = s.file("theirs.qcow2");
             let mk = |img: &str| {
-                let mut args = vec!["create".to_string(), "-q".into(), "-f".into(), "qcow2".into()];
+                let mut args = vec![
+                    "create".to_string(),
+                    "-q".into(),
+                    "-f".into(),
+                    "qcow2".into(),
+                ];
                 let mut o = opts.to_string();
                 if backing {
                     if !o.is_empty() {
@@ -261,8 +346,24 @@ fn qemu_reads_what_rqemu_wrote() {
             qemu_io(&theirs, RQEMU_WRITES);
             assert_qemu_check_clean(&ours);
             let o = run("qemu-img", &["compare", &ours, &theirs]);
-            assert!(o.status.success(), "{opts} backing={backing}: {}", String::from_utf8_lossy(&o.stdout));
-            let v = run_ok("qemu-io", &["-r", "-c", "read -P 0x23 100000 200000", "-c", "read -P 0x25 2M 128k", "-c", "read -P 0 3M 192k", &ours]);
+            assert!(
+                o.status.success(),
+                "{opts} backing={backing}: {}",
+                String::from_utf8_lossy(&o.stdout)
+            );
+            let v = run_ok(
+                "qemu-io",
+                &[
+                    "-r",
+                    "-c",
+                    "read -P 0x23 100000 200000",
+                    "-c",
+                    "read -P 0x25 2M 128k",
+                    "-c",
+                    "read -P 0 3M 192k",
+                    &ours,
+                ],
+            );
             assert!(!v.contains("failed"), "{v}");
         }
     }
@@ -281,8 +382,35 @@ fn info_and_check_print_what_qemu_img_prints() {
     let v2 = s.file("v2.qcow2");
     let raw = s.file("disk.raw");
     run_ok("qemu-img", &["create", "-q", "-f", "qcow2", &base, "64M"]);
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=32k", "-b", "base.qcow2", "-F", "qcow2", &img]);
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "compat=0.10", &v2, "3M"]);
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=32k",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            &img,
+        ],
+    );
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            &v2,
+            "3M",
+        ],
+    );
     run_ok("qemu-img", &["create", "-q", "-f", "raw", &raw, "1000"]);
     qemu_io(&img, &["write -P 1 0 1M", "write -c 4M 32k"]);
     run_ok("qemu-img", &["snapshot", "-c", "s1", &v2]);
@@ -303,8 +431,16 @@ fn info_and_check_print_what_qemu_img_prints() {
             let mut ro = normalize(&String::from_utf8_lossy(&r.stdout));
             if image == &v2 && args[0] == "info" {
                 // Snapshot dates are printed in local time; the table layout is compared.
-                qo = qo.lines().filter(|l| !l.starts_with("1 ")).collect::<Vec<_>>().join("\n");
-                ro = ro.lines().filter(|l| !l.starts_with("1 ")).collect::<Vec<_>>().join("\n");
+                qo = qo
+                    .lines()
+                    .filter(|l| !l.starts_with("1 "))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                ro = ro
+                    .lines()
+                    .filter(|l| !l.starts_with("1 "))
+                    .collect::<Vec<_>>()
+                    .join("\n");
                 qo = qo.replace(|c: char| c.is_ascii_digit(), "0");
                 ro = ro.replace(|c: char| c.is_ascii_digit(), "0");
             }

@@ -463,6 +463,9 @@ mod tests {
         back.backing_file_offset = 0;
         back.backing_file_size = 0;
         back.feature_table.clear();
+        // The seven padding bytes after compression_type come back as extra fields.
+        assert_eq!(back.extra_fields, vec![0u8; 7]);
+        back.extra_fields.clear();
         assert_eq!(back, h);
         // QEMU puts the backing format first and the name after the end marker.
         assert_eq!(be32(&bytes, 112), ext::BACKING_FORMAT);
