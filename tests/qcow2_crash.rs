@@ -51,7 +51,7 @@ fn crash_writer_child() {
             let buf = vec![pattern(seq); WRITE_LEN as usize];
             b.write(off, &buf, false).await.unwrap();
             seq += 1;
-            if seq % flush_every == 0 {
+            if seq.is_multiple_of(flush_every) {
                 b.flush().await.unwrap();
                 println!("flushed {seq}");
             }

@@ -93,9 +93,7 @@ fn created_images_pass_qemu_check_and_show_what_was_asked() {
         run_ok(rqemu_img(), &a1);
         assert_qemu_check_clean(&ours);
         let info = run_ok("qemu-img", &["info", "--output=json", &ours]);
-        let want_size = match rqemu_opts::parse_size(size, 1).unwrap() {
-            n => n.div_ceil(512) * 512,
-        };
+        let want_size = rqemu_opts::parse_size(size, 1).unwrap().div_ceil(512) * 512;
         assert_eq!(
             json_field(&info, "virtual-size"),
             Some(want_size.to_string()),

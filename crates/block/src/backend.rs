@@ -176,6 +176,24 @@ impl BlockBackend {
         self.root.write_compressed(offset, buf).await
     }
 
+    /// What compresses clusters for [`Self::write_precompressed`] (formats with
+    /// compressed clusters only).
+    pub fn compressor(&self) -> Option<crate::format::qcow2::compress::Compressor> {
+        self.root.compressor()
+    }
+
+    /// Stores one cluster compressed beforehand with [`Self::compressor`].
+    pub async fn write_precompressed(
+        &self,
+        offset: u64,
+        buf: &[u8],
+        compressed: Option<Vec<u8>>,
+    ) -> Result<()> {
+        self.check_writable()?;
+        self.check_request(offset, buf.len() as u64)?;
+        self.root.write_precompressed(offset, buf, compressed).await
+    }
+
     /// Discards a range if the discard policy passes discards down.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;

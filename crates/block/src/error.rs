@@ -153,6 +153,20 @@ impl From<io::Error> for Error {
     }
 }
 
+static PROGRAM_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the program name messages printed from inside the block layer are prefixed with
+/// (QEMU's `error_report` prints the invoking program's name).
+pub fn set_program_name(name: &str) {
+    let _ = PROGRAM_NAME.set(name.to_string());
+}
+
+/// Prints `program: msg` to stderr, as QEMU's `error_report` does.
+pub fn report(msg: &str) {
+    let prog = PROGRAM_NAME.get().map(String::as_str).unwrap_or("rqemu");
+    eprintln!("{prog}: {msg}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,18 +184,4 @@ mod tests {
         assert_eq!(Error::errno(libc::EIO).to_string(), "Input/output error");
         assert_eq!(e.errno_value(), libc::ENOENT);
     }
-}
-
-static PROGRAM_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-
-/// Sets the program name messages printed from inside the block layer are prefixed with
-/// (QEMU's `error_report` prints the invoking program's name).
-pub fn set_program_name(name: &str) {
-    let _ = PROGRAM_NAME.set(name.to_string());
-}
-
-/// Prints `program: msg` to stderr, as QEMU's `error_report` does.
-pub fn report(msg: &str) {
-    let prog = PROGRAM_NAME.get().map(String::as_str).unwrap_or("rqemu");
-    eprintln!("{prog}: {msg}");
 }

@@ -194,6 +194,17 @@ pub trait BlockDriver: Send + Sync + 'static {
             .map(|(_, n)| n)
     }
 
+    /// The format's allocation unit, where it has one (QEMU's `bdrv_get_info`).
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// Whether a freshly created node of this kind reads as zeroes without being
+    /// written (QEMU's `bdrv_has_zero_init`).
+    fn has_zero_init(&self) -> bool {
+        false
+    }
+
     /// Whether the driver can have a backing node (unallocated ranges fall through).
     fn supports_backing(&self) -> bool {
         false
@@ -213,6 +224,25 @@ pub trait BlockDriver: Send + Sync + 'static {
 
     /// Writes `buf` (a whole cluster, or the image's tail) compressed.
     async fn write_compressed(&self, _offset: u64, _buf: &[u8]) -> Result<()> {
+        Err(Error::unsupported(
+            "Compression is not supported for this image format",
+        ))
+    }
+
+    /// What compresses clusters for [`Self::write_precompressed`], for formats that
+    /// store compressed clusters.
+    fn compressor(&self) -> Option<crate::format::qcow2::compress::Compressor> {
+        None
+    }
+
+    /// Stores one cluster at `offset` whose compressed form `compressed` came from
+    /// [`Self::compressor`] (`None`: it did not compress and `buf` is stored as is).
+    async fn write_precompressed(
+        &self,
+        _offset: u64,
+        _buf: &[u8],
+        _compressed: Option<Vec<u8>>,
+    ) -> Result<()> {
         Err(Error::unsupported(
             "Compression is not supported for this image format",
         ))

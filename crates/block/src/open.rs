@@ -230,7 +230,7 @@ pub async fn open_node(
                 crate::node::BlockDriver::read(&*file, 0, &mut head[..n])
                     .await
                     .map_err(|e| {
-                        e.context(format!("Could not read image for determining its format"))
+                        e.context("Could not read image for determining its format".to_string())
                     })?;
             }
             (probe_format(&head[..n], &fname).to_string(), true)
@@ -294,8 +294,7 @@ pub async fn open_node(
                         flags,
                         cache,
                         PermRequest::user(writable),
-                    )
-                    .map_err(|e| e)?;
+                    )?;
                     qo.data_file = Some(data);
                 } else {
                     return Err(Error::invalid(

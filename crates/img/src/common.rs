@@ -80,6 +80,8 @@ pub struct ImageArgs {
     pub no_io: bool,
     /// AIO engine (`-i`, `-n`), when not the default.
     pub aio: Option<rqemu_block::AioMode>,
+    /// Let zero writes deallocate (QEMU's `BDRV_O_UNMAP`).
+    pub unmap: bool,
 }
 
 /// Opens an image as qemu-img's `img_open` does; errors are reported as
@@ -110,6 +112,9 @@ pub async fn open_image_err(a: &ImageArgs) -> rqemu_block::Result<BlockBackend> 
     if let Some(aio) = a.aio {
         o.aio = aio;
     }
+    if a.unmap {
+        o.discard = rqemu_block::DiscardMode::Unmap;
+    }
     if a.image_opts {
         o.options = KeyVal::parse(&a.filename, Some("file"))
             .map_err(|e| rqemu_block::Error::invalid(e.to_string()))?;
@@ -126,9 +131,7 @@ pub fn parse_output(ctx: &Ctx, v: &str) -> Result<bool, i32> {
         "json" => Ok(true),
         "human" => Ok(false),
         _ => {
-            ctx.error(&format!(
-                "--output must be used with human or json as argument."
-            ));
+            ctx.error("--output must be used with human or json as argument.");
             Err(1)
         }
     }

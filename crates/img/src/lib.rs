@@ -7,6 +7,7 @@
 pub mod cmd;
 pub mod common;
 pub mod help;
+pub mod progress;
 
 use common::Ctx;
 
@@ -45,6 +46,7 @@ fn dispatch(ctx: &Ctx, args: &[String]) -> i32 {
         "check" => cmd::check::run(ctx, rest),
         "map" => cmd::map::run(ctx, rest),
         "compare" => cmd::compare::run(ctx, rest),
+        "convert" => cmd::convert::run(ctx, rest),
         "measure" => cmd::measure::run(ctx, rest),
         "bench" => cmd::bench::run(ctx, rest),
         "dd" => cmd::dd::run(ctx, rest),

@@ -107,6 +107,10 @@ impl BlockDriver for RawNode {
         vec![(ChildRole::File, self.file.clone())]
     }
 
+    fn has_zero_init(&self) -> bool {
+        self.file.has_zero_init()
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }

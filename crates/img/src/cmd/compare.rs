@@ -16,6 +16,7 @@ use rqemu_cli::outp;
 use crate::common::{
     block_on, check_image_opts, open_image, read_sectors, Ctx, ImageArgs, Objects,
 };
+use crate::progress::Progress;
 
 const OBJECT: i32 = 256;
 const IMAGE_OPTS: i32 = 257;
@@ -65,57 +66,6 @@ mod bits {
     pub const ALLOCATED: u32 = 0x10;
     pub const EOF: u32 = 0x20;
     pub const COMPRESSED: u32 = 0x80;
-}
-
-/// qemu-img's progress meter: `    (P/100%)` rewritten in place, in single precision.
-pub(crate) struct Progress {
-    enabled: bool,
-    current: f32,
-    last_print: f32,
-    min_skip: f32,
-}
-
-impl Progress {
-    /// A meter printing only when `enabled`, at least `min_skip` percent apart.
-    pub(crate) fn new(enabled: bool, min_skip: f32) -> Self {
-        Progress {
-            enabled,
-            current: 0.0,
-            last_print: 0.0,
-            min_skip,
-        }
-    }
-
-    /// Advances by `delta` percent of a part worth `max` percent (`max` 0: set to `delta`).
-    pub(crate) fn print(&mut self, delta: f32, max: i32) {
-        let mut current = if max == 0 {
-            delta
-        } else {
-            self.current + delta / 100.0 * max as f32
-        };
-        if current > 100.0 {
-            current = 100.0;
-        }
-        self.current = current;
-        if current > self.last_print + self.min_skip
-            || current < self.last_print - self.min_skip
-            || current == 0.0
-            || current == 100.0
-        {
-            self.last_print = current;
-            if self.enabled {
-                outp!("    ({:3.2}/100%)\r", current);
-                rqemu_cli::out::flush();
-            }
-        }
-    }
-
-    /// Ends the meter's line.
-    pub(crate) fn end(&self) {
-        if self.enabled {
-            outp!("\n");
-        }
-    }
 }
 
 /// One of the two images.
@@ -429,15 +379,5 @@ mod tests {
         assert_eq!(first_difference(&a, &b), Some(0));
         assert_eq!(first_nonzero_sector(&a), None);
         assert_eq!(first_nonzero_sector(&b), Some(0));
-    }
-
-    #[test]
-    fn progress_counts_in_single_precision() {
-        let mut p = Progress::new(false, 2.0);
-        p.print(0.0, 100);
-        p.print(50.0, 100);
-        assert_eq!(p.current, 50.0);
-        p.print(80.0, 100);
-        assert_eq!(p.current, 100.0);
     }
 }

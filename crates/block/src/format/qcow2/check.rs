@@ -536,7 +536,7 @@ impl Meta {
             for e in table {
                 let off = e & bitmaps::TABLE_OFFSET_MASK;
                 let bad = (e & !bitmaps::TABLE_OFFSET_MASK & !1) != 0
-                    || (off != 0 && (e & 1 != 0 || off % cs != 0));
+                    || (off != 0 && (e & 1 != 0 || !off.is_multiple_of(cs)));
                 if bad {
                     res.corruptions += 1;
                     continue;
@@ -1011,9 +1011,7 @@ pub async fn check(q: &Qcow2, repair: RepairMode) -> Result<CheckReport> {
     let mut res = Res::default();
     if q.opened_for_check && !m.snapshots_checked {
         m.snapshots_checked = true;
-        if let Err(e) = m.check_read_snapshot_table(&mut res, repair).await {
-            return Err(e);
-        }
+        m.check_read_snapshot_table(&mut res, repair).await?
     }
     // Unflushed metadata would look like inconsistencies; write it first.
     if !q.read_only {

@@ -5,6 +5,39 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, 
 
 use super::types::CompressionType;
 
+/// What compresses clusters for one image: its compression type and cluster size. It
+/// holds no reference to the image, so callers can compress on any thread and hand the
+/// result to [`crate::BlockBackend::write_precompressed`].
+#[derive(Debug, Clone, Copy)]
+pub struct Compressor {
+    ty: CompressionType,
+    cluster_size: usize,
+}
+
+impl Compressor {
+    /// A compressor for clusters of `cluster_size` bytes.
+    pub fn new(ty: CompressionType, cluster_size: usize) -> Self {
+        Compressor { ty, cluster_size }
+    }
+
+    /// The cluster size compressed units cover.
+    pub fn cluster_size(&self) -> usize {
+        self.cluster_size
+    }
+
+    /// Compresses one cluster (or the image's shorter tail, padded with zeroes); `None`
+    /// when it does not shrink below a cluster, so it is to be stored uncompressed.
+    pub fn compress_cluster(&self, data: &[u8]) -> Option<Vec<u8>> {
+        if data.len() < self.cluster_size {
+            let mut padded = vec![0u8; self.cluster_size];
+            padded[..data.len()].copy_from_slice(data);
+            compress(self.ty, &padded, self.cluster_size - 1)
+        } else {
+            compress(self.ty, &data[..self.cluster_size], self.cluster_size - 1)
+        }
+    }
+}
+
 /// Compresses `input` into at most `max_out` bytes; `None` if it does not fit (the
 /// caller then writes the cluster uncompressed).
 pub fn compress(ty: CompressionType, input: &[u8], max_out: usize) -> Option<Vec<u8>> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::buffer::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::node::BlockDriver;
-use crate::node::WriteFlags;
+use crate::node::{Prealloc, WriteFlags};
 
 use super::alloc::HostRange;
 use super::cluster::L2Meta;
@@ -234,6 +234,15 @@ impl Qcow2 {
     /// cluster that does not compress is written normally.
     pub(super) async fn write_compressed_guest(&self, offset: u64, buf: &[u8]) -> Result<()> {
         let cs = self.geo.cluster_size();
+        if buf.is_empty() {
+            // The end of a stream of compressed writes: pad the file to whole sectors so
+            // that sector-based readers see all of the last compressed cluster.
+            let len = self.file.size();
+            return self
+                .file
+                .truncate(len.div_ceil(512) * 512, false, Prealloc::Off)
+                .await;
+        }
         if self.data_file.is_some() {
             return Err(Error::unsupported(
                 "Compression is not supported with external data files",
@@ -242,7 +251,7 @@ impl Qcow2 {
         if self.geo.offset_in_cluster(offset) != 0 {
             return Err(Error::errno(libc::EINVAL));
         }
-        if buf.len() as u64 % cs != 0 && offset + buf.len() as u64 != self.size() {
+        if !(buf.len() as u64).is_multiple_of(cs) && offset + buf.len() as u64 != self.size() {
             return Err(Error::errno(libc::EINVAL));
         }
         for (i, chunk) in buf.chunks(cs as usize).enumerate() {
@@ -253,18 +262,35 @@ impl Qcow2 {
     }
 
     async fn write_compressed_cluster(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let out = self.compressor().compress_cluster(buf);
+        self.write_precompressed_cluster(offset, buf, out).await
+    }
+
+    /// What compresses this image's clusters.
+    pub(super) fn compressor(&self) -> compress::Compressor {
+        compress::Compressor::new(self.compression, self.geo.cluster_size() as usize)
+    }
+
+    /// Stores one cluster at `offset` whose compressed form is `compressed` (from
+    /// [`Self::compressor`]); `None` stores `buf` uncompressed.
+    pub(super) async fn write_precompressed_cluster(
+        &self,
+        offset: u64,
+        buf: &[u8],
+        compressed: Option<Vec<u8>>,
+    ) -> Result<()> {
         let cs = self.geo.cluster_size();
-        let mut cluster;
-        let input: &[u8] = if buf.len() as u64 != cs {
-            cluster = vec![0u8; cs as usize];
-            cluster[..buf.len()].copy_from_slice(buf);
-            &cluster
-        } else {
-            cluster = Vec::new();
-            let _ = &cluster;
-            buf
-        };
-        let Some(out) = compress::compress(self.compression, input, cs as usize - 1) else {
+        if self.data_file.is_some() {
+            return Err(Error::unsupported(
+                "Compression is not supported with external data files",
+            ));
+        }
+        if self.geo.offset_in_cluster(offset) != 0
+            || (buf.len() as u64 != cs && offset + buf.len() as u64 != self.size())
+        {
+            return Err(Error::errno(libc::EINVAL));
+        }
+        let Some(out) = compressed else {
             return self.write_guest(offset, buf).await;
         };
         // Reserve the cluster against concurrent writers, allocate bytes, write, link.

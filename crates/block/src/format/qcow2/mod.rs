@@ -179,6 +179,13 @@ impl Qcow2 {
         self.geo
     }
 
+    /// Whether the image has persistent bitmaps.
+    pub async fn has_bitmaps(&self) -> bool {
+        let m = self.meta.lock().await;
+        m.h.autoclear_features & autoclear::BITMAPS != 0
+            && m.h.bitmaps.as_ref().is_some_and(|b| b.nb_bitmaps > 0)
+    }
+
     /// The image's compression type.
     pub fn compression_type(&self) -> CompressionType {
         self.compression
@@ -304,6 +311,21 @@ impl BlockDriver for Qcow2 {
         self.write_compressed_guest(offset, buf).await
     }
 
+    fn compressor(&self) -> Option<compress::Compressor> {
+        (self.data_file.is_none()).then(|| Qcow2::compressor(self))
+    }
+
+    async fn write_precompressed(
+        &self,
+        offset: u64,
+        buf: &[u8],
+        compressed: Option<Vec<u8>>,
+    ) -> Result<()> {
+        self.check_writable()?;
+        self.write_precompressed_cluster(offset, buf, compressed)
+            .await
+    }
+
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.discard_guest(offset, len).await
@@ -375,6 +397,28 @@ impl BlockDriver for Qcow2 {
     async fn truncate(&self, size: u64, _exact: bool, prealloc: Prealloc) -> Result<()> {
         self.check_writable()?;
         self.resize(size, prealloc).await
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.geo.cluster_size())
+    }
+
+    fn has_zero_init(&self) -> bool {
+        // Preallocated images have every L2 table allocated, others none: the first L1
+        // entry tells which. Preallocated data clusters read as whatever the data file
+        // holds.
+        let preallocated = self
+            .meta
+            .try_lock()
+            .map(|m| m.l1.first().is_some_and(|&e| e != 0))
+            .unwrap_or(true);
+        if !preallocated {
+            return true;
+        }
+        match &self.data_file {
+            Some(d) => d.has_zero_init(),
+            None => self.file.has_zero_init(),
+        }
     }
 
     fn supports_backing(&self) -> bool {

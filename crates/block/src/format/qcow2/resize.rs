@@ -16,7 +16,7 @@ impl Qcow2 {
     /// Changes the virtual size to `size`.
     pub(super) async fn resize(&self, size: u64, prealloc: Prealloc) -> Result<()> {
         let old = self.size();
-        if size % 512 != 0 {
+        if !size.is_multiple_of(512) {
             return Err(Error::invalid("The new size must be a multiple of 512"));
         }
         {

@@ -33,6 +33,8 @@ impl Meta {
     /// Adds `addend` (-1, 0 or 1) to the refcount of every cluster an L1 table references
     /// and brings the COPIED flags of that table in line (QEMU's
     /// `qcow2_update_snapshot_refcount`).
+    // The L1 index is needed for messages and the write-back, not only the entry.
+    #[allow(clippy::needless_range_loop)]
     pub async fn update_snapshot_refcount(
         &mut self,
         l1_offset: u64,

@@ -224,12 +224,12 @@ impl Qcow2 {
         let size = self.size();
         let end = offset + len;
         // Split like QEMU's block layer: an unaligned head, the aligned bulk, a tail.
-        let head_end = if offset % scs != 0 {
+        let head_end = if !offset.is_multiple_of(scs) {
             end.min(offset.div_ceil(scs) * scs)
         } else {
             offset
         };
-        let tail_start = if end % scs != 0 && end != size {
+        let tail_start = if !end.is_multiple_of(scs) && end != size {
             (end / scs * scs).max(head_end)
         } else {
             end

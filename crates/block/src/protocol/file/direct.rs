@@ -63,7 +63,7 @@ pub(super) async fn write_unaligned(node: &FileNode, offset: u64, buf: &[u8]) ->
             node.pread_full(start, &mut bounce[..a]).await?;
         }
         let tail = start + (len - a) as u64;
-        if (skip + buf.len()) % a != 0 && (len > a || skip == 0) {
+        if !(skip + buf.len()).is_multiple_of(a) && (len > a || skip == 0) {
             node.pread_full(tail, &mut bounce[len - a..]).await?;
         }
         Guard::Exclusive(g)

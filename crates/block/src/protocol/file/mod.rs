@@ -283,7 +283,9 @@ impl FileNode {
 
     fn is_aligned(&self, offset: u64, len: usize, addr: usize) -> bool {
         let a = self.align.request as u64;
-        offset % a == 0 && len as u64 % a == 0 && addr % self.align.memory as usize == 0
+        offset.is_multiple_of(a)
+            && (len as u64).is_multiple_of(a)
+            && addr.is_multiple_of(self.align.memory as usize)
     }
 
     fn seek(&self, offset: u64, whence: i32) -> std::result::Result<u64, i32> {
@@ -344,8 +346,28 @@ fn block_device_size(fd: RawFd) -> std::io::Result<u64> {
     Ok(size)
 }
 
+impl FileNode {
+    /// Writes zeroes over the first block of a file that just grew from empty, as QEMU
+    /// does so that later alignment probing finds allocated blocks: 4 KiB, or one sector
+    /// when the file is smaller than that (which then extends it). Failures are ignored.
+    fn allocate_first_block(&self, size: u64) {
+        let len = if size < 4096 { 512 } else { 4096 };
+        let buf = crate::buffer::AlignedBuf::io(len);
+        // SAFETY: pwrite from a live buffer of `len` bytes on an open descriptor.
+        let n = unsafe { libc::pwrite(self.fd(), buf.as_ptr().cast(), len, 0) };
+        if n > 0 && n as u64 > size {
+            self.len.store(n as u64, Ordering::Release);
+        }
+    }
+}
+
 #[async_trait]
 impl BlockDriver for FileNode {
+    fn has_zero_init(&self) -> bool {
+        // A regular file grows with zeroes; a device keeps what it held.
+        !self.is_block_device
+    }
+
     fn driver_name(&self) -> &'static str {
         if self.is_block_device {
             "host_device"
@@ -602,6 +624,9 @@ impl BlockDriver for FileNode {
                 Prealloc::Full => {
                     self.write_zero_buffers(cur, size - cur).await?;
                 }
+            }
+            if cur == 0 && matches!(prealloc, Prealloc::Off | Prealloc::Falloc) {
+                self.allocate_first_block(size);
             }
         }
         Ok(())

@@ -1,0 +1,391 @@
+//! The copy itself: a pipeline that reads and inspects (and compresses) many requests at
+//! once while a single writer applies them to the target in order, so the target's
+//! layout is what qemu-img's in-order writes give (`-W` lets them land as they come).
+//!
+//! Reading runs on the I/O engines of the block layer, compression on the blocking pool
+//! (all cores); the writer is the only one allocating in the target.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use rqemu_block::backend::is_zero;
+use rqemu_block::error::{report, strerror};
+use rqemu_block::format::qcow2::compress::Compressor;
+use rqemu_block::BlockBackend;
+
+use super::plan::{Chunk, Planner, Status};
+use super::sparse::allocated_run_min;
+use crate::common::{read_sectors, Ctx};
+use crate::progress::Progress;
+
+/// Default request size in sectors (2 MiB), as qemu-img's buffer.
+pub const BUF_SECTORS: u64 = 4096;
+/// Memory the pipeline may hold in buffers, for small (compressed) requests.
+const PIPELINE_BYTES: u64 = 32 << 20;
+
+/// One source image.
+pub struct Source {
+    /// The opened image.
+    pub blk: BlockBackend,
+    /// Its length in sectors.
+    pub sectors: u64,
+    /// Status queries stay aligned to this many sectors (its cluster size).
+    pub alignment: u64,
+}
+
+/// Everything the copy needs, decided by the set-up.
+pub struct Job {
+    /// The sources, concatenated.
+    pub sources: Vec<Source>,
+    /// The target, open read-write.
+    pub target: BlockBackend,
+    /// Sum of the sources' lengths.
+    pub total_sectors: u64,
+    /// Shortest zero run (sectors) worth a hole; 0: write everything.
+    pub min_sparse: u64,
+    /// Power-of-two alignment (sectors) of data runs in the target.
+    pub alignment: u64,
+    /// Longest data request in sectors.
+    pub buf_sectors: u64,
+    /// The target's cluster size in sectors (0 if it has none).
+    pub cluster_sectors: u64,
+    /// Set when compressing: compresses the target's clusters.
+    pub compressor: Option<Compressor>,
+    /// The target has a backing file: leave what the sources do not allocate.
+    pub target_has_backing: bool,
+    /// Length of the target's backing file, when known (zeroes past it need nothing).
+    pub target_backing_sectors: Option<u64>,
+    /// The target reads as zeroes before anything is written.
+    pub has_zero_init: bool,
+    /// Write in order (qemu-img's default; `-W` clears it).
+    pub wr_in_order: bool,
+    /// Requests in flight (`-m`).
+    pub num_coroutines: usize,
+    /// Carry on past read errors.
+    pub salvage: bool,
+    /// No warnings.
+    pub quiet: bool,
+    /// Bytes per second the target may be written at (0: unlimited).
+    pub rate_limit: u64,
+}
+
+/// One write to the target.
+enum Op {
+    /// Data from the request's buffer: `n` sectors at buffer offset `at`.
+    Write { sector: u64, at: usize, n: u64 },
+    /// Zeroes.
+    Zeroes { sector: u64, n: u64 },
+    /// A whole cluster compressed (`None`: it did not compress).
+    Compressed {
+        sector: u64,
+        at: usize,
+        n: u64,
+        data: Option<Vec<u8>>,
+    },
+}
+
+/// A request read and inspected, ready for the writer.
+struct Prepared {
+    buf: Vec<u8>,
+    ops: Vec<Op>,
+}
+
+/// Reusable request buffers.
+#[derive(Default)]
+struct Pool(Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut v = self
+            .0
+            .lock()
+            .ok()
+            .and_then(|mut p| p.pop())
+            .unwrap_or_default();
+        v.resize(len, 0);
+        v
+    }
+
+    fn give(&self, v: Vec<u8>) {
+        if let Ok(mut p) = self.0.lock() {
+            p.push(v);
+        }
+    }
+}
+
+impl Job {
+    /// The source holding `sector` and the sector where that source starts.
+    pub fn source_at(&self, sector: u64) -> (usize, u64) {
+        let mut start = 0;
+        for (i, s) in self.sources.iter().enumerate() {
+            if sector < start + s.sectors || i + 1 == self.sources.len() {
+                return (i, start);
+            }
+            start += s.sectors;
+        }
+        (0, 0)
+    }
+
+    /// Copies everything; errors are reported.
+    pub async fn run(self, _ctx: &Ctx, progress: &mut Progress) -> Result<(), ()> {
+        let job = Arc::new(self);
+        let pool = Arc::new(Pool::default());
+        // What counts towards progress: data written (and zeroes, when written as data).
+        let counts = |st: Status| st == Status::Data || (job.min_sparse == 0 && st == Status::Zero);
+        let mut allocated = 0u64;
+        if progress.enabled() {
+            let mut planner = Planner::new();
+            let mut pos = 0;
+            while pos < job.total_sectors {
+                let c = planner.next(&job, pos).await?;
+                if counts(c.status) {
+                    allocated += c.n;
+                }
+                pos += c.n;
+            }
+        }
+        let chunk_bytes = job.buf_sectors.max(1) * 512;
+        let depth = job
+            .num_coroutines
+            .max((PIPELINE_BYTES / chunk_bytes).min(256) as usize);
+        let mut planner = Planner::new();
+        let mut pos = 0u64;
+        let mut done = 0u64;
+        let mut seq_issued = 0u64;
+        let mut seq_written = 0u64;
+        let mut inflight = FuturesUnordered::new();
+        let mut ready: BTreeMap<u64, Prepared> = BTreeMap::new();
+        let mut limiter = RateLimiter::new(job.rate_limit);
+        let mut failed = false;
+        loop {
+            while !failed && pos < job.total_sectors && inflight.len() + ready.len() < depth {
+                let mut c = match planner.next(&job, pos).await {
+                    Ok(c) => c,
+                    Err(()) => {
+                        failed = true;
+                        break;
+                    }
+                };
+                if job.min_sparse == 0 && c.status == Status::Zero {
+                    c.n = c.n.min(job.buf_sectors);
+                }
+                pos += c.n;
+                if counts(c.status) && allocated > 0 {
+                    done += c.n;
+                    progress.print(100.0 * done as f32 / allocated as f32, 0);
+                }
+                let seq = seq_issued;
+                seq_issued += 1;
+                let (job, pool) = (job.clone(), pool.clone());
+                inflight.push(tokio::spawn(
+                    async move { (seq, prepare(&job, &pool, c).await) },
+                ));
+            }
+            let Some(joined) = inflight.next().await else {
+                break;
+            };
+            let (seq, prepared) = joined.map_err(|_| ())?;
+            let Ok(prepared) = prepared else {
+                failed = true;
+                continue;
+            };
+            if failed {
+                continue;
+            }
+            if !job.wr_in_order {
+                failed = apply(&job, &pool, prepared, &mut limiter).await.is_err();
+                continue;
+            }
+            ready.insert(seq, prepared);
+            while let Some(p) = ready.remove(&seq_written) {
+                seq_written += 1;
+                if apply(&job, &pool, p, &mut limiter).await.is_err() {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if failed {
+            return Err(());
+        }
+        if job.compressor.is_some() {
+            // Signal the end of the compressed stream (the file is padded to a sector).
+            if let Err(e) = job.target.write_compressed(0, &[]).await {
+                report(&format!(
+                    "error while writing at byte 0: {}",
+                    strerror(e.errno_value())
+                ));
+                return Err(());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads a request and decides its writes (qemu-img's `convert_co_write` rules).
+async fn prepare(job: &Job, pool: &Pool, c: Chunk) -> Result<Prepared, ()> {
+    let mut status = c.status;
+    let mut buf = Vec::new();
+    if status == Status::Data {
+        buf = pool.take((c.n * 512) as usize);
+        if let Err(e) = read(job, c.sector, &mut buf).await {
+            report(&format!(
+                "error while reading at byte {}: {}",
+                c.sector * 512,
+                strerror(e.errno_value())
+            ));
+            return Err(());
+        }
+    } else if job.min_sparse == 0 && status == Status::Zero {
+        buf = pool.take((c.n * 512) as usize);
+        buf.fill(0);
+        status = Status::Data;
+    }
+    let mut ops = Vec::new();
+    let zeroes = |ops: &mut Vec<Op>, sector: u64, n: u64| {
+        if !job.has_zero_init {
+            ops.push(Op::Zeroes { sector, n });
+        }
+    };
+    let (mut sector, mut left, mut at) = (c.sector, c.n, 0usize);
+    while left > 0 {
+        let mut n = left;
+        match status {
+            Status::BackingFile => {}
+            Status::Zero => zeroes(&mut ops, sector, n),
+            Status::Data => {
+                let bytes = &buf[at..at + (n * 512) as usize];
+                if let Some(comp) = job.compressor {
+                    if job.min_sparse != 0 && is_zero(bytes) {
+                        zeroes(&mut ops, sector, n);
+                    } else {
+                        let data = compress(comp, bytes.to_vec()).await;
+                        ops.push(Op::Compressed {
+                            sector,
+                            at,
+                            n,
+                            data,
+                        });
+                    }
+                } else if job.min_sparse == 0 {
+                    ops.push(Op::Write { sector, at, n });
+                } else {
+                    let (data, len) = allocated_run_min(
+                        bytes,
+                        n as usize,
+                        job.min_sparse as usize,
+                        sector,
+                        job.alignment,
+                    );
+                    n = len as u64;
+                    if data {
+                        ops.push(Op::Write { sector, at, n });
+                    } else {
+                        zeroes(&mut ops, sector, n);
+                    }
+                }
+            }
+        }
+        sector += n;
+        left -= n;
+        at += (n * 512) as usize;
+    }
+    Ok(Prepared { buf, ops })
+}
+
+/// Compresses one cluster on the blocking pool.
+async fn compress(comp: Compressor, data: Vec<u8>) -> Option<Vec<u8>> {
+    tokio::task::spawn_blocking(move || comp.compress_cluster(&data))
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Reads `buf.len()` bytes of the concatenated sources at `sector` (zeroes past a
+/// source's unaligned end); with `--salvage`, sectors that cannot be read become zeroes.
+async fn read(job: &Job, sector: u64, buf: &mut [u8]) -> rqemu_block::Result<()> {
+    let (i, start) = job.source_at(sector);
+    let src = &job.sources[i];
+    let offset = (sector - start) * 512;
+    match read_sectors(&src.blk, offset, buf).await {
+        Err(_) if job.salvage => {
+            for (k, s) in buf.chunks_mut(512).enumerate() {
+                let off = offset + k as u64 * 512;
+                if let Err(e) = read_sectors(&src.blk, off, s).await {
+                    if !job.quiet {
+                        report(&format!(
+                            "warning: error while reading offset {off}: {}",
+                            strerror(e.errno_value())
+                        ));
+                    }
+                    s.fill(0);
+                }
+            }
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+/// Applies a request's writes, in order.
+async fn apply(job: &Job, pool: &Pool, p: Prepared, limiter: &mut RateLimiter) -> Result<(), ()> {
+    let t = &job.target;
+    for op in &p.ops {
+        let (sector, n) = match op {
+            Op::Write { sector, n, .. }
+            | Op::Zeroes { sector, n }
+            | Op::Compressed { sector, n, .. } => (*sector, *n),
+        };
+        limiter.wait(n * 512).await;
+        let r = match op {
+            Op::Write { at, .. } => {
+                t.write(sector * 512, &p.buf[*at..*at + (n * 512) as usize], false)
+                    .await
+            }
+            Op::Zeroes { .. } => t.write_zeroes(sector * 512, n * 512, true).await,
+            Op::Compressed { at, data, .. } => {
+                let len = (n * 512) as usize;
+                t.write_precompressed(sector * 512, &p.buf[*at..*at + len], data.clone())
+                    .await
+            }
+        };
+        if let Err(e) = r {
+            report(&format!(
+                "error while writing at byte {}: {}",
+                sector * 512,
+                strerror(e.errno_value())
+            ));
+            return Err(());
+        }
+    }
+    pool.give(p.buf);
+    Ok(())
+}
+
+/// Keeps writes at or under `-r` bytes per second.
+struct RateLimiter {
+    rate: u64,
+    start: Instant,
+    bytes: u64,
+}
+
+impl RateLimiter {
+    fn new(rate: u64) -> Self {
+        RateLimiter {
+            rate,
+            start: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    async fn wait(&mut self, bytes: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        let due = self.start + Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
+        self.bytes += bytes;
+        tokio::time::sleep_until(due.into()).await;
+    }
+}
