@@ -1,0 +1,194 @@
+//! Serving one virtio-blk queue on an I/O thread.
+//!
+//! The task waits for the queue's kick eventfd, pops every available chain (with
+//! notifications suppressed while it drains), and runs the requests concurrently. Each
+//! completion writes the status byte and a used-ring entry; the guest is interrupted once
+//! per batch of completions, when the ring's event index asks for it.
+//!
+//! A malformed chain never stops the queue: the request completes with an error status,
+//! or with nothing written when the chain has no room for a status byte. The chain
+//! iterator bounds chain length (loops end after the queue size) and refuses descriptor
+//! tables outside guest memory.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use tokio::io::unix::AsyncFd;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::request::{self, Desc, Kind, Refusal, Request, Segment, S_IOERR, S_OK};
+use super::Disk;
+use crate::virtio::{ActiveQueue, Interrupt};
+
+/// Most descriptors taken from one chain (the chain iterator also stops at the queue size).
+const MAX_CHAIN: usize = 1024;
+
+/// A guest buffer as a host slice.
+///
+/// The slice aliases guest memory, which the guest may change at any time; the block
+/// layer only copies to or from it, so a racing guest corrupts only its own data.
+#[allow(clippy::mut_from_ref)] // guest memory is shared, mutable memory by nature
+fn host_slice<'a>(mem: &'a GuestMemoryMmap, seg: &Segment) -> Option<&'a mut [u8]> {
+    if seg.len == 0 {
+        return Some(&mut []);
+    }
+    let vs = mem.get_slice(seg.addr, seg.len as usize).ok()?;
+    let ptr = vs.ptr_guard_mut().as_ptr();
+    // SAFETY: `get_slice` checked that the whole range lies inside one mapped region of
+    // `mem`, which stays mapped while the borrow of `mem` lives. Concurrent access by the
+    // guest or another request is the guest's own doing and only affects data bytes.
+    Some(unsafe { std::slice::from_raw_parts_mut(ptr, seg.len as usize) })
+}
+
+/// Runs a parsed request; returns the status byte.
+pub async fn run(disk: &Disk, req: &Request, mem: &GuestMemoryMmap) -> u8 {
+    if let Some(t) = &disk.throttle {
+        let write = matches!(req.kind, Kind::Write { .. });
+        t.wait(write, req.data_len).await;
+    }
+    let result: Result<(), ()> = async {
+        match req.kind {
+            Kind::Read { offset } => {
+                let mut off = offset;
+                for seg in &req.data {
+                    let buf = host_slice(mem, seg).ok_or(())?;
+                    disk.backend.read(off, buf).await.map_err(|_| ())?;
+                    off += u64::from(seg.len);
+                }
+            }
+            Kind::Write { offset } => {
+                let fua = !disk.wce.load(Ordering::Relaxed);
+                let mut off = offset;
+                for seg in &req.data {
+                    let buf = host_slice(mem, seg).ok_or(())?;
+                    disk.backend.write(off, buf, fua).await.map_err(|_| ())?;
+                    off += u64::from(seg.len);
+                }
+            }
+            Kind::Flush => disk.backend.flush().await.map_err(|_| ())?,
+            Kind::GetId => {
+                let mut left = &disk.id[..];
+                for seg in &req.data {
+                    let n = left.len().min(seg.len as usize);
+                    mem.write_slice(&left[..n], seg.addr).map_err(|_| ())?;
+                    left = &left[n..];
+                }
+            }
+            Kind::Discard { offset, len } => {
+                if disk.backend.is_read_only() {
+                    return Err(());
+                }
+                disk.backend.discard(offset, len).await.map_err(|_| ())?
+            }
+            Kind::WriteZeroes { offset, len, unmap } => disk
+                .backend
+                .write_zeroes(offset, len, unmap)
+                .await
+                .map_err(|_| ())?,
+        }
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => S_OK,
+        Err(()) if disk.ignore_errors => S_OK,
+        Err(()) => S_IOERR,
+    }
+}
+
+/// Parses and runs one chain; returns (head, bytes written to guest buffers).
+pub async fn execute(
+    head: u16,
+    descs: Vec<Desc>,
+    mem: Arc<GuestMemoryMmap>,
+    disk: Arc<Disk>,
+) -> (u16, u32) {
+    let req = match request::parse(&descs, &mem, disk.capacity) {
+        Ok(r) => r,
+        Err(Refusal::NoStatus) => return (head, 0),
+        Err(Refusal::Status { status, code }) => {
+            let _ = mem.write_obj(code, status);
+            return (head, 1);
+        }
+    };
+    let code = run(&disk, &req, &mem).await;
+    let _ = mem.write_obj(code, req.status);
+    let written = match req.kind {
+        Kind::Read { .. } | Kind::GetId if code == S_OK => {
+            req.data_len.min(u64::from(u32::MAX - 1)) as u32 + 1
+        }
+        _ => 1,
+    };
+    (head, written)
+}
+
+/// Takes every available chain off the queue.
+pub fn pop_all(queue: &mut Queue, mem: &GuestMemoryMmap) -> Vec<(u16, Vec<Desc>)> {
+    let mut out = Vec::new();
+    loop {
+        let _ = queue.disable_notification(mem);
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let descs = chain
+                .take(MAX_CHAIN)
+                .map(|d| Desc {
+                    addr: d.addr().0,
+                    len: d.len(),
+                    write: d.is_write_only(),
+                })
+                .collect();
+            out.push((head, descs));
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Serves `q` until the task is dropped.
+pub async fn serve(
+    q: ActiveQueue,
+    mem: Arc<GuestMemoryMmap>,
+    disk: Arc<Disk>,
+    irq: Arc<dyn Interrupt>,
+) {
+    let ActiveQueue {
+        mut queue,
+        kick,
+        vector,
+    } = q;
+    // SAFETY: the EventFd owns its descriptor and keeps it open, unchanged, until it is
+    // dropped, which happens only when the AsyncFd owning it is dropped.
+    let Ok(kick) =
+        (unsafe { AsyncFd::register_with_interest(kick, tokio::io::Interest::READABLE) })
+    else {
+        return;
+    };
+    let mut inflight = FuturesUnordered::new();
+    loop {
+        for (head, descs) in pop_all(&mut queue, &mem) {
+            inflight.push(execute(head, descs, mem.clone(), disk.clone()));
+        }
+        tokio::select! {
+            ready = kick.readable() => {
+                let Ok(mut guard) = ready else { return };
+                let _ = guard.get_inner().read();
+                guard.clear_ready();
+            }
+            Some((head, len)) = inflight.next(), if !inflight.is_empty() => {
+                let _ = queue.add_used(&*mem, head, len);
+                while let Some(Some((head, len))) = inflight.next().now_or_never() {
+                    let _ = queue.add_used(&*mem, head, len);
+                }
+                if queue.needs_notification(&*mem).unwrap_or(true) {
+                    irq.notify(vector);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,160 @@
+#!/bin/bash
+# The VM test scenarios. Runs where /dev/kvm is a real KVM (the host, or the L1 of
+# nested.sh): boots the test guest under VMM once or more per scenario and checks the
+# guest's own output and the images afterwards with qemu-img and qemu-io.
+# Prints one line per scenario: "SCENARIO NAME PASS|FAIL SECONDS DETAIL".
+# usage: scenarios.sh VMM GUEST_INITRD [NAME...]
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+. "$here/lib.sh"
+VMM=$1
+INITRD=$2
+shift 2
+KERNEL=$(vm_kernel)
+S=${RQEMU_SCRATCH:-/var/tmp}/rqemu-vm-$$
+mkdir -p "$S"
+trap 'rm -rf "$S"' EXIT
+names=${*:-basic snapshot noreboot reboot disks}
+UUID=5a0c1c2e-77b4-4c1d-9a52-0123456789ab
+
+# boot NAME LOG VMM_ARGS...: runs the guest scenario NAME; retries once if the guest never
+# reached its init (a nested-virtualisation hiccup), saying so.
+boot() {
+    local name=$1 log=$2 attempt rc
+    shift 2
+    for attempt in 1 2; do
+        timeout -k 5 "${RQEMU_BOOT_TIMEOUT:-300}" "$VMM" -kernel "$KERNEL" -initrd "$INITRD" \
+            -append "console=ttyS0 quiet loglevel=1 panic=-1 rqemu.test=$name" \
+            -nographic "$@" </dev/null 2>&1 | tr -d '\r' > "$log"
+        rc=${PIPESTATUS[0]}
+        if grep -q '^RQ: init' "$log" || [ $attempt = 2 ]; then
+            return "$rc"
+        fi
+        echo "SCENARIO-NOTE $name: guest never reached init (status $rc), retried once"
+        tail -n 5 "$log" | sed 's/^/  | /'
+    done
+}
+
+fails=""
+fail() { fails="$fails; $*"; }
+want() { grep -qx "RQ: $2" "$1" || fail "guest did not print '$2'"; }
+qio() { qemu-io "$@" >/dev/null 2>&1; }
+
+report() {
+    local name=$1 t0=$2 log=$3
+    local dt=$(( $(date +%s) - t0 ))
+    if [ -z "$fails" ]; then
+        echo "SCENARIO $name PASS ${dt}s"
+    else
+        echo "SCENARIO $name FAIL ${dt}s ${fails#; }"
+        sed 's/^/  | /' "$log" | tail -n 30
+    fi
+    fails=""
+}
+
+scenario_basic() {
+    qemu-img create -q -f qcow2 "$S/base.qcow2" 64M
+    qio -f qcow2 -c 'write -P 0x33 0 64M' "$S/base.qcow2"
+    qemu-img create -q -f qcow2 -b "$S/base.qcow2" -F qcow2 "$S/ov.qcow2"
+    boot basic "$S/basic.log" -smp 2 -m 512 -uuid $UUID -name rqtest \
+        -drive file="$S/ov.qcow2",if=virtio,cache=none,aio=native,serial=RQSERIAL0,discard=unmap
+    local rc=$?
+    [ $rc = 0 ] || fail "VMM exit status $rc"
+    want "$S/basic.log" "cpus=0-1"
+    want "$S/basic.log" "uuid=$UUID"
+    want "$S/basic.log" "vda=present"
+    want "$S/basic.log" "serial=RQSERIAL0"
+    want "$S/basic.log" "sectors=131072"
+    want "$S/basic.log" "vda rw=ok"
+    want "$S/basic.log" "discard=ok"
+    local kb
+    kb=$(sed -n 's/^RQ: memkb=//p' "$S/basic.log")
+    { [ -n "$kb" ] && [ "$kb" -gt 400000 ] && [ "$kb" -le 524288 ]; } || fail "MemTotal ${kb:-?} kB for -m 512"
+    qemu-img check -q "$S/ov.qcow2" || fail "qemu-img check ov.qcow2"
+    qio -f qcow2 -c 'read -P 0xa5 1M 1M' "$S/ov.qcow2" || fail "pattern not on the host image"
+    qio -f qcow2 -c 'read -P 0 4M 1M' "$S/ov.qcow2" || fail "discarded range does not read as zeroes"
+    qio -f qcow2 -c 'read -P 0x33 8M 1M' "$S/ov.qcow2" || fail "backing data lost"
+    qio -f qcow2 -c 'read -P 0x33 1M 1M' "$S/base.qcow2" || fail "backing file changed"
+}
+
+scenario_snapshot() {
+    [ -f "$S/ov.qcow2" ] || { qemu-img create -q -f qcow2 "$S/ov.qcow2" 64M; qio -f qcow2 -c 'write -P 0xa5 1M 1M' "$S/ov.qcow2"; }
+    local before after
+    before=$(md5sum < "$S/ov.qcow2")
+    boot snapshot "$S/snapshot.log" -snapshot -drive file="$S/ov.qcow2",if=virtio,cache=writeback
+    local rc=$?
+    [ $rc = 0 ] || fail "VMM exit status $rc"
+    want "$S/snapshot.log" "vda rw=ok"
+    after=$(md5sum < "$S/ov.qcow2")
+    [ "$before" = "$after" ] || fail "image changed under -snapshot"
+    qio -f qcow2 -c 'read -P 0xa5 1M 1M' "$S/ov.qcow2" || fail "image content changed"
+}
+
+scenario_noreboot() {
+    qemu-img create -q -f raw "$S/r1.raw" 16M
+    boot reboot "$S/noreboot.log" -no-reboot -drive file="$S/r1.raw",format=raw,if=virtio
+    local rc=$?
+    [ $rc = 0 ] || fail "VMM exit status $rc"
+    want "$S/noreboot.log" "first-boot"
+    grep -q '^RQ: second-boot' "$S/noreboot.log" && fail "guest booted again despite -no-reboot"
+}
+
+scenario_reboot() {
+    qemu-img create -q -f raw "$S/r2.raw" 16M
+    boot reboot "$S/reboot.log" -drive file="$S/r2.raw",format=raw,if=virtio
+    local rc=$?
+    [ $rc = 0 ] || fail "VMM exit status $rc"
+    want "$S/reboot.log" "first-boot"
+    want "$S/reboot.log" "second-boot"
+    [ "$(grep -c '^RQ: init' "$S/reboot.log")" = 2 ] || fail "expected two boots"
+}
+
+scenario_disks() {
+    local f
+    for f in none wb ds un io ro; do qemu-img create -q -f qcow2 "$S/d_$f.qcow2" 32M; done
+    qemu-img create -q -f raw "$S/d_wt.raw" 32M
+    boot disks "$S/disks.log" -smp 2 -m 384 -object iothread,id=io0 \
+        -drive file="$S/d_none.qcow2",if=virtio,cache=none,aio=native \
+        -drive file="$S/d_wb.qcow2",if=virtio,cache=writeback,aio=threads \
+        -drive file="$S/d_wt.raw",format=raw,if=virtio,cache=writethrough,aio=io_uring \
+        -drive file="$S/d_ds.qcow2",if=virtio,cache=directsync,aio=threads \
+        -drive file="$S/d_un.qcow2",if=virtio,cache=unsafe,aio=io_uring \
+        -drive file="$S/d_ro.qcow2",if=virtio,readonly=on \
+        -drive file="$S/d_io.qcow2",if=none,id=dio,cache=none,aio=io_uring \
+        -device virtio-blk-pci,drive=dio,iothread=io0,num-queues=2,serial=IOTHREAD0
+    local rc=$?
+    [ $rc = 0 ] || fail "VMM exit status $rc"
+    local l
+    for l in a b c d e g; do want "$S/disks.log" "vd$l rw=ok"; done
+    want "$S/disks.log" "vdf ro-write=refused"
+    grep -q '^RQ: vda .*wc=write_back' "$S/disks.log" || fail "cache=none must show a write-back cache"
+    grep -q '^RQ: vdc .*wc=write_through' "$S/disks.log" || fail "cache=writethrough must show a write-through cache"
+    grep -q '^RQ: vdd .*wc=write_through' "$S/disks.log" || fail "cache=directsync must show a write-through cache"
+    grep -q '^RQ: vdg serial=IOTHREAD0 .*queues=2 ' "$S/disks.log" || fail "-device serial/num-queues not seen"
+    local i=0 img
+    for img in d_none.qcow2 d_wb.qcow2 d_wt.raw d_ds.qcow2 d_un.qcow2 d_ro.qcow2 d_io.qcow2; do
+        local letter=$(printf "\\x$(printf %x $((0x61 + i)))")
+        local hex=$(printf '0x%x' $((0x61 + i)))
+        i=$((i + 1))
+        case $img in
+            *.qcow2) qemu-img check -q "$S/$img" || fail "qemu-img check $img" ;;
+        esac
+        if [ "$img" = d_ro.qcow2 ]; then
+            qio -f qcow2 -c 'read -P 0 0 32M' "$S/$img" || fail "read-only image was written"
+            continue
+        fi
+        local fmt=qcow2
+        [ "${img##*.}" = raw ] && fmt=raw
+        qio -f $fmt -c "read -P $hex 1M 1M" "$S/$img" || fail "pattern $letter not in $img"
+    done
+}
+
+overall=0
+for n in $names; do
+    t0=$(date +%s)
+    "scenario_$n"
+    out=$(report "$n" "$t0" "$S/$n.log")
+    echo "$out"
+    case $out in "SCENARIO $n FAIL"*) overall=1 ;; esac
+done
+exit $overall
