@@ -233,6 +233,70 @@ pub fn help_text(format: &str, with_protocol: bool) -> Option<String> {
     Some(out)
 }
 
+/// Options of existing images that `amend` can change (qcow2's), which are not all
+/// creation options.
+const QCOW2_AMEND_ONLY: &[OptDesc] = &[
+    opt(
+        "encrypt.keyslot",
+        OptKind::Number,
+        "Select a single keyslot to modify explicitly",
+    ),
+    opt(
+        "encrypt.new-secret",
+        OptKind::Str,
+        "New secret to set in the matching keyslots. Empty string to erase",
+    ),
+    opt(
+        "encrypt.old-secret",
+        OptKind::Str,
+        "Select all keyslots that match this password",
+    ),
+    opt(
+        "encrypt.state",
+        OptKind::Str,
+        "Select new state of affected keyslots (active/inactive)",
+    ),
+];
+
+/// Creation options of qcow2 that `amend` also takes.
+const QCOW2_AMENDABLE: &[&str] = &[
+    "backing_file",
+    "backing_fmt",
+    "compat",
+    "data_file",
+    "data_file_raw",
+    "encrypt.iter-time",
+    "lazy_refcounts",
+    "refcount_bits",
+    "size",
+];
+
+/// The options `amend` takes for `format`, sorted by name (`None`: the format cannot
+/// amend).
+pub fn amend_opts(format: &str) -> Option<Vec<OptDesc>> {
+    if format != "qcow2" {
+        return None;
+    }
+    let mut v: Vec<OptDesc> = QCOW2_OPTS
+        .iter()
+        .filter(|o| QCOW2_AMENDABLE.contains(&o.name))
+        .chain(QCOW2_AMEND_ONLY)
+        .copied()
+        .collect();
+    v.sort_by(|a, b| a.name.cmp(b.name));
+    Some(v)
+}
+
+/// `amend -o help` for `format`.
+pub fn amend_help_text(format: &str) -> Option<String> {
+    let mut out = format!("Amend options for '{format}':\n");
+    for o in amend_opts(format)? {
+        let lhs = format!("{}=<{}>", o.name, o.kind.help_name());
+        out.push_str(&format!("  {lhs:<22} - {}\n", o.help));
+    }
+    Some(out)
+}
+
 /// Validated creation options: values by name, in print order.
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
@@ -258,6 +322,15 @@ impl CreateOptions {
             descs,
             values: Vec::new(),
         })
+    }
+
+    /// An option set over the given descriptions (such as [`amend_opts`]).
+    pub fn with_descs(format: &str, descs: Vec<OptDesc>) -> CreateOptions {
+        CreateOptions {
+            format: format.to_string(),
+            descs,
+            values: Vec::new(),
+        }
     }
 
     /// The format name.

@@ -248,6 +248,12 @@ pub trait BlockDriver: Send + Sync + 'static {
         ))
     }
 
+    /// Makes every block unallocated, so reads fall through to the backing file (what
+    /// `qemu-img commit` leaves of the committed overlay).
+    async fn make_empty(&self) -> Result<()> {
+        Err(Error::errno(libc::ENOTSUP))
+    }
+
     /// Reads saved VM state (stored by formats that can, like qcow2, past the disk).
     async fn load_vmstate(&self, _pos: u64, _buf: &mut [u8]) -> Result<()> {
         Err(Error::errno(libc::ENOTSUP))

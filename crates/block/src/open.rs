@@ -72,6 +72,8 @@ pub struct GraphFlags {
     pub quiet_probe: bool,
     /// Only metadata will be read.
     pub no_io: bool,
+    /// The backing node this many levels down is opened read-write (`commit`'s base).
+    pub writable_backing: Option<u32>,
 }
 
 impl GraphFlags {
@@ -86,6 +88,7 @@ impl GraphFlags {
             check: o.check,
             quiet_probe: o.quiet_probe,
             no_io: o.no_io,
+            writable_backing: o.writable_backing,
         }
     }
 }
@@ -313,8 +316,10 @@ pub async fn open_node(
                         .or(backing_kv.get("filename"))
                         .map(str::to_string)
                         .unwrap_or_else(|| resolve_relative(&fname, &name));
+                    let depth = flags.writable_backing.and_then(|d| d.checked_sub(1));
                     let bflags = GraphFlags {
-                        read_only: true,
+                        read_only: depth != Some(0),
+                        writable_backing: depth.filter(|&d| d > 0),
                         quiet_probe: true,
                         check: false,
                         no_io: false,

@@ -162,4 +162,6 @@ pub struct OpenOptions {
     pub check: bool,
     /// Only metadata will be read (no external data file, no repair on open).
     pub no_io: bool,
+    /// Open the backing node this many levels below the top read-write as well.
+    pub writable_backing: Option<u32>,
 }

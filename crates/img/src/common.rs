@@ -82,6 +82,8 @@ pub struct ImageArgs {
     pub aio: Option<rqemu_block::AioMode>,
     /// Let zero writes deallocate (QEMU's `BDRV_O_UNMAP`).
     pub unmap: bool,
+    /// Open the backing node this many levels down read-write too.
+    pub writable_backing: Option<u32>,
 }
 
 /// Opens an image as qemu-img's `img_open` does; errors are reported as
@@ -115,6 +117,7 @@ pub async fn open_image_err(a: &ImageArgs) -> rqemu_block::Result<BlockBackend> 
     if a.unmap {
         o.discard = rqemu_block::DiscardMode::Unmap;
     }
+    o.writable_backing = a.writable_backing;
     if a.image_opts {
         o.options = KeyVal::parse(&a.filename, Some("file"))
             .map_err(|e| rqemu_block::Error::invalid(e.to_string()))?;
@@ -362,3 +365,50 @@ pub async fn read_sectors(
     buf[n..].fill(0);
     blk.read(offset, &mut buf[..n]).await
 }
+
+/// The block drivers QEMU 10 knows by name (`qemu-img --help`), for checks of format
+/// names that QEMU makes before anything is opened.
+pub const QEMU_FORMATS: &[&str] = &[
+    "blkdebug",
+    "blklogwrites",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "file",
+    "ftp",
+    "ftps",
+    "gluster",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "iscsi",
+    "iser",
+    "luks",
+    "nbd",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qcow2",
+    "qed",
+    "quorum",
+    "raw",
+    "rbd",
+    "replication",
+    "snapshot-access",
+    "ssh",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
+    "vvfat",
+];

@@ -8,6 +8,7 @@ pub mod cmd;
 pub mod common;
 pub mod help;
 pub mod progress;
+pub mod ratelimit;
 
 use common::Ctx;
 
@@ -41,9 +42,11 @@ fn dispatch(ctx: &Ctx, args: &[String]) -> i32 {
     }
     let rest = &args[1..];
     match first.as_str() {
+        "amend" => cmd::amend::run(ctx, rest),
         "create" => cmd::create::run(ctx, rest),
         "info" => cmd::info::run(ctx, rest),
         "check" => cmd::check::run(ctx, rest),
+        "commit" => cmd::commit::run(ctx, rest),
         "map" => cmd::map::run(ctx, rest),
         "compare" => cmd::compare::run(ctx, rest),
         "convert" => cmd::convert::run(ctx, rest),
@@ -51,6 +54,8 @@ fn dispatch(ctx: &Ctx, args: &[String]) -> i32 {
         "bench" => cmd::bench::run(ctx, rest),
         "dd" => cmd::dd::run(ctx, rest),
         "snapshot" => cmd::snapshot::run(ctx, rest),
+        "rebase" => cmd::rebase::run(ctx, rest),
+        "resize" => cmd::resize::run(ctx, rest),
         other if other.starts_with('-') => {
             // Standard options before the command (only -T/--trace take arguments).
             ctx.usage_error("", &format!("Command not found: {other}"))

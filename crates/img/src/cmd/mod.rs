@@ -1,7 +1,9 @@
 //! One module per rqemu-img command.
 
+pub mod amend;
 pub mod bench;
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
@@ -9,4 +11,6 @@ pub mod dd;
 pub mod info;
 pub mod map;
 pub mod measure;
+pub mod rebase;
+pub mod resize;
 pub mod snapshot;

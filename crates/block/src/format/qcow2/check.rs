@@ -711,59 +711,157 @@ impl Meta {
         Ok(grown)
     }
 
-    async fn rebuild_refcount_structure(&mut self, res: &mut Res, t: &mut Imrt) -> Result<()> {
+    /// Writes refblocks and a refcount table for the counts in `t` into clusters `t`
+    /// has free (marking them used); returns the table, its offset and its clusters.
+    /// Nothing on disk refers to the new structures yet.
+    async fn write_refcount_structure(&mut self, t: &mut Imrt) -> Result<(Vec<u64>, u64, u64)> {
         let cs = self.geo.cluster_size();
         self.rb_cache.clear();
         let mut reftable: Vec<u64> = Vec::new();
         let entries = t.entries;
-        let grown = self
-            .write_refblocks_imrt(t, 0, entries, &mut reftable)
-            .await;
-        if let Err(e) = grown {
-            res.check_errors += 1;
-            say(format!(
-                "ERROR writing refblock: {}",
-                crate::error::strerror(e.errno_value())
-            ));
-            return Err(e);
-        }
-        let mut reftable_offset;
-        let mut reftable_clusters;
-        loop {
+        self.write_refblocks_imrt(t, 0, entries, &mut reftable)
+            .await
+            .inspect_err(|e| {
+                say(format!(
+                    "ERROR writing refblock: {}",
+                    crate::error::strerror(e.errno_value())
+                ))
+            })?;
+        let (reftable_offset, reftable_clusters) = loop {
             let len = reftable.len() as u64 * 8;
-            reftable_clusters = len.div_ceil(cs);
+            let clusters = len.div_ceil(cs);
             let mut first_free = 0;
-            reftable_offset = self.alloc_clusters_imrt(reftable_clusters, t, &mut first_free);
-            let start = reftable_offset / cs;
-            let grown = self
-                .write_refblocks_imrt(t, start, start + reftable_clusters, &mut reftable)
-                .await;
-            match grown {
-                Err(e) => {
-                    res.check_errors += 1;
-                    return Err(e);
-                }
-                Ok(true) => continue,
-                Ok(false) => break,
+            let offset = self.alloc_clusters_imrt(clusters, t, &mut first_free);
+            let start = offset / cs;
+            if !self
+                .write_refblocks_imrt(t, start, start + clusters, &mut reftable)
+                .await?
+            {
+                break (offset, clusters);
             }
-        }
+        };
         let mut bytes = vec![0u8; reftable.len() * 8];
         for (i, e) in reftable.iter().enumerate() {
             put_be64(&mut bytes, i * 8, *e);
         }
         self.write_meta(reftable_offset, &bytes).await?;
-        let mut hdr = [0u8; 12];
-        put_be64(&mut hdr, 0, reftable_offset);
-        put_be32(&mut hdr, 8, reftable_clusters as u32);
-        self.write_meta(48, &hdr).await?;
-        self.sync().await?;
-        self.h.refcount_table_offset = reftable_offset;
-        self.h.refcount_table_clusters = reftable_clusters as u32;
+        Ok((reftable, reftable_offset, reftable_clusters))
+    }
+
+    /// Makes `reftable` (written by [`Self::write_refcount_structure`]) the image's.
+    fn adopt_reftable(&mut self, reftable: Vec<u64>, offset: u64, clusters: u64) {
+        self.h.refcount_table_offset = offset;
+        self.h.refcount_table_clusters = clusters as u32;
         self.reftable = reftable;
         self.update_max_reftable_index();
         self.overlap.invalidate();
         self.free_cluster_index = 0;
+    }
+
+    async fn rebuild_refcount_structure(&mut self, res: &mut Res, t: &mut Imrt) -> Result<()> {
+        let (reftable, offset, clusters) = self
+            .write_refcount_structure(t)
+            .await
+            .inspect_err(|_| res.check_errors += 1)?;
+        let mut hdr = [0u8; 12];
+        put_be64(&mut hdr, 0, offset);
+        put_be32(&mut hdr, 8, clusters as u32);
+        self.write_meta(48, &hdr).await?;
+        self.sync().await?;
+        self.adopt_reftable(reftable, offset, clusters);
         Ok(())
+    }
+
+    /// Rewrites the refcount structures with entries of `1 << new_order` bits
+    /// (`amend -o refcount_bits`).
+    ///
+    /// Crash safety: the new refblocks and table go into clusters nothing uses and are
+    /// durable before one header write switches width and table together; until then
+    /// the old structures describe the image. Only then are the old structures freed
+    /// (in the new ones), so a crash in between leaks clusters at worst.
+    pub(super) async fn change_refcount_order(&mut self, new_order: u32) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        self.flush_caches().await?;
+        let mut nb = self.file.size().div_ceil(cs);
+        let mut counts = Imrt::new(nb, 6, cs);
+        let mut res = Res::default();
+        let mut rebuild = false;
+        self.calculate_refcounts(
+            &mut res,
+            RepairMode::default(),
+            &mut rebuild,
+            &mut counts,
+            &mut nb,
+        )
+        .await?;
+        if res.corruptions > 0 || res.check_errors > 0 || rebuild {
+            return Err(Error::other(
+                "Image is corrupt; run 'qemu-img check -r all' first",
+                libc::EIO,
+            ));
+        }
+        let max = if new_order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1 << new_order)) - 1
+        };
+        let mut t = Imrt::new(counts.entries, new_order, cs);
+        for i in 0..counts.entries {
+            let v = counts.get(i);
+            if v > max {
+                return Err(Error::other(
+                    format!(
+                        "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a refcount of {v}",
+                        1u32 << new_order,
+                        i * cs
+                    ),
+                    libc::EINVAL,
+                ));
+            }
+            t.set(i, v);
+        }
+        let old_geo = self.geo;
+        let old_table = (
+            self.h.refcount_table_offset,
+            self.h.refcount_table_clusters as u64,
+        );
+        let old_blocks: Vec<u64> = self.reftable.iter().copied().filter(|&o| o != 0).collect();
+        self.geo.refcount_order = new_order;
+        let written = self.write_refcount_structure(&mut t).await;
+        let (reftable, offset, clusters) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                self.geo = old_geo;
+                return Err(e);
+            }
+        };
+        self.file_dirty = true;
+        self.sync().await?;
+        let old_header = (
+            self.h.refcount_order,
+            self.h.refcount_table_offset,
+            self.h.refcount_table_clusters,
+        );
+        self.h.refcount_order = new_order;
+        self.h.refcount_table_offset = offset;
+        self.h.refcount_table_clusters = clusters as u32;
+        if let Err(e) = self.write_header().await {
+            self.geo = old_geo;
+            (
+                self.h.refcount_order,
+                self.h.refcount_table_offset,
+                self.h.refcount_table_clusters,
+            ) = old_header;
+            return Err(e);
+        }
+        self.adopt_reftable(reftable, offset, clusters);
+        for b in old_blocks {
+            self.free_clusters(b, cs, DiscardType::Other).await;
+        }
+        self.free_clusters(old_table.0, old_table.1 * cs, DiscardType::Other)
+            .await;
+        self.flush_caches().await?;
+        self.sync().await
     }
 
     async fn check_refcounts(&mut self, res: &mut Res, fix: RepairMode) -> Result<()> {

@@ -12,12 +12,14 @@
 //! overlaps one waits for it to be linked ([`Qcow2::alloc_done`]).
 
 pub mod alloc;
+pub mod amend;
 pub mod bitmaps;
 pub mod cache;
 pub mod check;
 pub mod cluster;
 pub mod compress;
 pub mod create;
+pub mod empty;
 pub mod header;
 pub mod info;
 pub mod io;
@@ -179,6 +181,12 @@ impl Qcow2 {
         self.geo
     }
 
+    /// The unit of allocation of guest data (a cluster, or a subcluster with extended L2
+    /// entries).
+    pub fn subcluster_size(&self) -> u64 {
+        self.geo.subcluster_size()
+    }
+
     /// Whether the image has persistent bitmaps.
     pub async fn has_bitmaps(&self) -> bool {
         let m = self.meta.lock().await;
@@ -309,6 +317,10 @@ impl BlockDriver for Qcow2 {
     async fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_writable()?;
         self.write_compressed_guest(offset, buf).await
+    }
+
+    async fn make_empty(&self) -> Result<()> {
+        Qcow2::make_empty(self).await
     }
 
     fn compressor(&self) -> Option<compress::Compressor> {

@@ -26,6 +26,15 @@ impl From<Error> for RcError {
     }
 }
 
+impl From<RcError> for Error {
+    fn from(e: RcError) -> Self {
+        match e {
+            RcError::Fail(e) => e,
+            RcError::Again => Error::errno(libc::EAGAIN),
+        }
+    }
+}
+
 type RcResult<T> = std::result::Result<T, RcError>;
 
 /// Reads entry `index` of a refcount block with `order` (log2 of the width in bits).

@@ -19,14 +19,8 @@ impl Qcow2 {
         if !size.is_multiple_of(512) {
             return Err(Error::invalid("The new size must be a multiple of 512"));
         }
-        {
-            let m = self.meta.lock().await;
-            if !m.snapshots.is_empty() {
-                return Err(Error::unsupported(
-                    "Can't resize an image which has snapshots",
-                ));
-            }
-        }
+        // Internal snapshots keep their own L1 tables and sizes: resizing the active
+        // state leaves them alone, as QEMU does.
         if size < old {
             if prealloc != Prealloc::Off {
                 return Err(Error::unsupported(
@@ -37,7 +31,10 @@ impl Qcow2 {
         } else {
             let mut m = self.meta.lock().await;
             let l1 = m.geo.l1_entries_for(size);
-            let r = m.grow_l1(l1, true).await;
+            let r = m
+                .grow_l1(l1, true)
+                .await
+                .map_err(|e| e.context("Failed to grow the L1 table"));
             self.with_meta(&mut m, r).await?;
             drop(m);
             match prealloc {

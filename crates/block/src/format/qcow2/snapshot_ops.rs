@@ -221,10 +221,7 @@ impl Meta {
 }
 
 fn rc_err(e: super::refcount::RcError) -> Error {
-    match e {
-        super::refcount::RcError::Fail(e) => e,
-        super::refcount::RcError::Again => Error::errno(libc::EAGAIN),
-    }
+    Error::from(e)
 }
 
 fn validate_snapshot_l1(geo: &Geometry, sn: &Snapshot) -> Result<()> {

@@ -596,6 +596,12 @@ impl BlockDriver for FileNode {
             }
             return Ok(());
         }
+        if prealloc == Prealloc::Metadata {
+            return Err(Error::other(
+                "Unsupported preallocation mode: metadata",
+                libc::ENOTSUP,
+            ));
+        }
         if size < cur && prealloc != Prealloc::Off {
             return Err(Error::unsupported(
                 "Cannot use preallocation for shrinking files",

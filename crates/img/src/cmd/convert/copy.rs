@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use rqemu_block::backend::is_zero;
@@ -19,6 +18,7 @@ use super::plan::{Chunk, Planner, Status};
 use super::sparse::allocated_run_min;
 use crate::common::{read_sectors, Ctx};
 use crate::progress::Progress;
+use crate::ratelimit::RateLimiter;
 
 /// Default request size in sectors (2 MiB), as qemu-img's buffer.
 pub const BUF_SECTORS: u64 = 4096;
@@ -362,30 +362,4 @@ async fn apply(job: &Job, pool: &Pool, p: Prepared, limiter: &mut RateLimiter) -
     }
     pool.give(p.buf);
     Ok(())
-}
-
-/// Keeps writes at or under `-r` bytes per second.
-struct RateLimiter {
-    rate: u64,
-    start: Instant,
-    bytes: u64,
-}
-
-impl RateLimiter {
-    fn new(rate: u64) -> Self {
-        RateLimiter {
-            rate,
-            start: Instant::now(),
-            bytes: 0,
-        }
-    }
-
-    async fn wait(&mut self, bytes: u64) {
-        if self.rate == 0 {
-            return;
-        }
-        let due = self.start + Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
-        self.bytes += bytes;
-        tokio::time::sleep_until(due.into()).await;
-    }
 }
