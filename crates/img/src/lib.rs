@@ -52,6 +52,7 @@ fn dispatch(ctx: &Ctx, args: &[String]) -> i32 {
         "convert" => cmd::convert::run(ctx, rest),
         "measure" => cmd::measure::run(ctx, rest),
         "bench" => cmd::bench::run(ctx, rest),
+        "bitmap" => cmd::bitmap::run(ctx, rest),
         "dd" => cmd::dd::run(ctx, rest),
         "snapshot" => cmd::snapshot::run(ctx, rest),
         "rebase" => cmd::rebase::run(ctx, rest),

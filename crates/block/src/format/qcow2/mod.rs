@@ -4,7 +4,9 @@
 //! state and write-back order), [`cache`], [`refcount`] (refcounts and cluster
 //! allocation), [`cluster`] (guest-to-host mapping), [`alloc`] (allocation for writes),
 //! [`io`] (the read and write paths), [`zero`] (write-zeroes and discard), [`open`],
-//! [`create`], [`snapshot`], [`check`], [`info`], [`compress`].
+//! [`create`], [`snapshot`], [`check`], [`info`], [`compress`], and persistent dirty
+//! bitmaps: [`bitmaps`] (on disk), [`dirty_bitmap`] (in memory), [`bitmaps_store`]
+//! (loading, tracking, storing).
 //!
 //! Concurrency: metadata lives behind one async mutex ([`meta::Meta`]), held only while
 //! looking up or changing mappings; guest data moves without it, so many requests are in
@@ -14,11 +16,13 @@
 pub mod alloc;
 pub mod amend;
 pub mod bitmaps;
+pub mod bitmaps_store;
 pub mod cache;
 pub mod check;
 pub mod cluster;
 pub mod compress;
 pub mod create;
+pub mod dirty_bitmap;
 pub mod empty;
 pub mod header;
 pub mod info;
@@ -73,6 +77,10 @@ pub struct Qcow2 {
     /// Whether the image looks preallocated with `preallocation=metadata` (data clusters
     /// mapped to holes of the file): 0 not yet known, 1 no, 2 yes.
     metadata_prealloc: std::sync::atomic::AtomicU8,
+    /// Persistent dirty bitmaps, newest first ([`bitmaps_store`]).
+    bitmaps: StdMutex<Vec<bitmaps_store::LiveBitmap>>,
+    /// Some bitmap is enabled: writes must set bits.
+    bitmaps_tracking: AtomicBool,
 }
 
 impl Qcow2 {
@@ -99,11 +107,14 @@ impl Qcow2 {
             decompressed: StdMutex::new(None),
             opened_for_check: opts.check,
             metadata_prealloc: std::sync::atomic::AtomicU8::new(0),
+            bitmaps: StdMutex::new(Vec::new()),
+            bitmaps_tracking: AtomicBool::new(false),
             meta: Mutex::new({
                 meta.no_flush = opts.no_flush;
                 meta
             }),
         });
+        q.load_bitmaps(&opts).await?;
         if !opts.read_only && !opts.no_io {
             q.prepare_for_writing(&opts).await?;
         }
@@ -189,9 +200,7 @@ impl Qcow2 {
 
     /// Whether the image has persistent bitmaps.
     pub async fn has_bitmaps(&self) -> bool {
-        let m = self.meta.lock().await;
-        m.h.autoclear_features & autoclear::BITMAPS != 0
-            && m.h.bitmaps.as_ref().is_some_and(|b| b.nb_bitmaps > 0)
+        !self.persistent_bitmaps().is_empty()
     }
 
     /// The image's compression type.
@@ -298,7 +307,9 @@ impl BlockDriver for Qcow2 {
 
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
         self.check_writable()?;
-        self.write_guest(offset, buf).await?;
+        let r = self.write_guest(offset, buf).await;
+        self.track_write(offset, buf.len() as u64);
+        r?;
         if flags.fua {
             self.flush().await?;
         }
@@ -307,7 +318,9 @@ impl BlockDriver for Qcow2 {
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
         self.check_writable()?;
-        self.write_zeroes_guest(offset, len, flags).await?;
+        let r = self.write_zeroes_guest(offset, len, flags).await;
+        self.track_write(offset, len);
+        r?;
         if flags.fua {
             self.flush().await?;
         }
@@ -316,7 +329,9 @@ impl BlockDriver for Qcow2 {
 
     async fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_writable()?;
-        self.write_compressed_guest(offset, buf).await
+        let r = self.write_compressed_guest(offset, buf).await;
+        self.track_write(offset, buf.len() as u64);
+        r
     }
 
     async fn make_empty(&self) -> Result<()> {
@@ -334,13 +349,18 @@ impl BlockDriver for Qcow2 {
         compressed: Option<Vec<u8>>,
     ) -> Result<()> {
         self.check_writable()?;
-        self.write_precompressed_cluster(offset, buf, compressed)
-            .await
+        let r = self
+            .write_precompressed_cluster(offset, buf, compressed)
+            .await;
+        self.track_write(offset, buf.len() as u64);
+        r
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
-        self.discard_guest(offset, len).await
+        let r = self.discard_guest(offset, len).await;
+        self.track_write(offset, len);
+        r
     }
 
     async fn load_vmstate(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
@@ -408,7 +428,9 @@ impl BlockDriver for Qcow2 {
 
     async fn truncate(&self, size: u64, _exact: bool, prealloc: Prealloc) -> Result<()> {
         self.check_writable()?;
-        self.resize(size, prealloc).await
+        self.resize(size, prealloc).await?;
+        self.resize_bitmaps(size);
+        Ok(())
     }
 
     fn cluster_size(&self) -> Option<u64> {
@@ -442,6 +464,11 @@ impl BlockDriver for Qcow2 {
             return Ok(());
         }
         let mut m = self.meta.lock().await;
+        // Bitmaps first, as QEMU stores them when it inactivates the node; losing them
+        // is reported but does not keep the rest of the metadata from being written.
+        if let Err(e) = self.store_bitmaps(&mut m).await {
+            crate::error::report(&e.to_string());
+        }
         m.mark_clean().await
     }
 

@@ -300,7 +300,8 @@ pub(super) async fn load(file: &NodeRef, opts: &Qcow2Options) -> Result<Meta> {
         snapshots,
         lazy_refcounts: lazy,
         discard_passthrough: [
-            false,
+            // QCOW2_DISCARD_ALWAYS: freed bitmap data, shrunk L1 ranges, check repairs.
+            true,
             opts.pass_discard[0].unwrap_or(true),
             opts.pass_discard[1].unwrap_or(true),
             opts.pass_discard[2].unwrap_or(false),

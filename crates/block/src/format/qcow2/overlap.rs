@@ -23,7 +23,7 @@ pub(super) enum MetaKind {
 }
 
 impl MetaKind {
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             MetaKind::Header => "qcow2_header",
             MetaKind::ActiveL1 => "active L1 table",

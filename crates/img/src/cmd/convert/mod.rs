@@ -331,6 +331,11 @@ async fn convert(ctx: &Ctx, a: Args) -> i32 {
                 Ok(()) => 0,
                 Err(()) => 1,
             };
+            if code == 0 && a.bitmaps {
+                if let Some(src) = sources.first() {
+                    code = copy_bitmaps(ctx, src, &target, a.skip_broken).await;
+                }
+            }
             if let Err(e) = target.close().await {
                 if code == 0 {
                     ctx.error(&format!("error while closing '{out_filename}': {e}"));
@@ -394,9 +399,19 @@ async fn setup(
             ctx.error("Copying bitmaps only possible with single source");
             return 1;
         }
-        if srcs[0].blk.root().driver_name() != "qcow2" {
+        let Some(q) = qcow2(&srcs[0].blk).filter(|q| q.supports_persistent_bitmaps()) else {
             ctx.error("Source lacks bitmap support");
             return 1;
+        };
+        if !a.skip_broken {
+            if let Some(b) = q.persistent_bitmaps().iter().find(|b| b.inconsistent) {
+                ctx.error(&format!("Cannot copy inconsistent bitmap '{}'", b.name));
+                eprintln!(
+                    "Try --skip-broken-bitmaps, or use '{} bitmap --remove' to delete it",
+                    ctx.prog
+                );
+                return 1;
+            }
         }
     }
     if let Some(sel) = &a.snapshot {
@@ -508,7 +523,7 @@ async fn setup(
         return 1;
     };
     let troot = target.root().clone();
-    if a.bitmaps && troot.driver_name() != "qcow2" {
+    if a.bitmaps && !qcow2(&target).is_some_and(|q| q.supports_persistent_bitmaps()) {
         ctx.error(&format!(
             "Format driver '{}' does not support bitmaps",
             troot.driver_name()
@@ -525,11 +540,6 @@ async fn setup(
     let target_sectors = target.size().div_ceil(512);
     if a.skip_create && target_sectors < total_sectors {
         ctx.error("output file is smaller than input file");
-        let _ = target.close().await;
-        return 1;
-    }
-    if a.bitmaps && has_bitmaps(&srcs[0].blk).await {
-        ctx.error("Copying persistent bitmaps is not supported by rqemu-img yet");
         let _ = target.close().await;
         return 1;
     }
@@ -572,12 +582,43 @@ async fn setup(
     0
 }
 
-/// Whether a qcow2 image has a bitmaps directory.
-async fn has_bitmaps(blk: &BlockBackend) -> bool {
-    match blk.root().as_any().downcast_ref::<Qcow2>() {
-        Some(q) => q.has_bitmaps().await,
-        None => false,
+/// The qcow2 node at the top of `blk`, if it is one.
+fn qcow2(blk: &BlockBackend) -> Option<&Qcow2> {
+    blk.root().as_any().downcast_ref::<Qcow2>()
+}
+
+/// Copies the persistent bitmaps of `src` into `dst` (after the data), as qemu-img
+/// does: each is created with the same granularity and state, then filled by a merge.
+async fn copy_bitmaps(ctx: &Ctx, src: &BlockBackend, dst: &BlockBackend, skip_broken: bool) -> i32 {
+    let (Some(sq), Some(dq)) = (qcow2(src), qcow2(dst)) else {
+        return 0;
+    };
+    for b in sq.persistent_bitmaps() {
+        if skip_broken && b.inconsistent {
+            ctx.error(&format!(
+                "warning: Skipping inconsistent bitmap '{}'",
+                b.name
+            ));
+            continue;
+        }
+        if let Err(e) = dq
+            .bitmap_add(&b.name, Some(b.granularity), !b.enabled)
+            .await
+        {
+            ctx.error(&format!("Failed to create bitmap {}: {e}", b.name));
+            return 1;
+        }
+        let filled = dq
+            .bitmap_check_target(&b.name)
+            .and_then(|()| sq.bitmap_contents(&b.name))
+            .and_then(|bits| dq.bitmap_merge(&b.name, &bits));
+        if let Err(e) = filled {
+            ctx.error(&format!("Failed to populate bitmap {}: {e}", b.name));
+            let _ = dq.bitmap_remove(&b.name).await;
+            return 1;
+        }
     }
+    0
 }
 
 /// The error text of a failed target creation, with qemu-img's hint for sizes too large.
