@@ -22,6 +22,8 @@ pub mod vcpu;
 pub mod virtio;
 
 pub use error::{Error, Result};
+/// Guest memory types, for users that drive devices directly (tests, fuzzing).
+pub use vm_memory;
 
 /// Runs `rqemu-system-x86_64` with `args` (the program name first); returns the exit status.
 pub fn run(args: Vec<String>) -> i32 {

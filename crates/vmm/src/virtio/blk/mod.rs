@@ -5,10 +5,12 @@
 //!   concurrently against the backend, with data moving directly between the image and
 //!   guest memory, and completes them in the used ring.
 //! - [`throttle`]: `throttling.*` limits.
+//! - [`fuzz`]: the fuzz target's body.
 //!
 //! The guest-visible write cache (WCE) starts as the cache mode implies and can be
 //! switched by the guest; with it off, every write is made durable before completing.
 
+pub mod fuzz;
 pub mod request;
 pub mod throttle;
 pub mod worker;

@@ -126,10 +126,15 @@ pub async fn execute(
 }
 
 /// Takes every available chain off the queue.
+///
+/// A ring whose available index runs more than a queue's length ahead yields nothing
+/// while still looking non-empty; such a ring is left alone until the guest fixes it
+/// (or resets the device) rather than spun on.
 pub fn pop_all(queue: &mut Queue, mem: &GuestMemoryMmap) -> Vec<(u16, Vec<Desc>)> {
     let mut out = Vec::new();
     loop {
         let _ = queue.disable_notification(mem);
+        let before = out.len();
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let descs = chain
@@ -143,7 +148,7 @@ pub fn pop_all(queue: &mut Queue, mem: &GuestMemoryMmap) -> Vec<(u16, Vec<Desc>)
             out.push((head, descs));
         }
         match queue.enable_notification(mem) {
-            Ok(true) => continue,
+            Ok(true) if out.len() > before => continue,
             _ => break,
         }
     }

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# vm-boot.sh - rqemu-system-x86_64 against qemu-system-x86_64, side by side on the same
+# kernel, initramfs and images, in one run: time from process start to the guest's init,
+# the VMM's peak RSS, and in-guest O_DIRECT read throughput on a virtio disk (sequential
+# 1 MiB and random 4 KiB, 4 threads) for raw and qcow2 images with cache=none,aio=native.
+#
+#   bench/vm-boot.sh          # builds rqemu, then runs on KVM, or nested (tests/vm/nested.sh)
+#   RUNS=3 SECS=5 bench/vm-boot.sh
+#
+# Without a hardware KVM the whole comparison runs inside one nested-KVM machine (QEMU TCG
+# L1): absolute times there are TCG's, only the ratios between the two VMMs mean much;
+# RSS is real. Both VMMs get the same machine: q35, -cpu host, 2 vCPUs, 512 MiB, no
+# default devices, serial on stdio.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-3}
+SECS=${SECS:-5}
+if [ "${1:-}" != --inner ]; then
+    cargo build --release -q --bin rqemu-system-x86_64
+    W=$(mktemp -d)
+    trap 'rm -rf "$W"' EXIT
+    mkdir -p "$W/extra/bin" "$W/extra/tests"
+    cc -O2 -static -pthread -o "$W/extra/bin/vm-guest-io" bench/vm-guest-io.c
+    cat > "$W/extra/tests/bench.sh" <<'G'
+. /tests/common.sh
+wait_dev vda
+s=$(sed -n 's/.*rqemu\.secs=\([0-9]*\).*/\1/p' /proc/cmdline)
+echo "RQ: seq $(/bin/vm-guest-io /dev/vda seq $s 4)"
+echo "RQ: rand $(/bin/vm-guest-io /dev/vda rand $s 4)"
+G
+    tests/vm/build-guest.sh "$W/guest.cpio.gz" "$W/extra"
+    if grep -qE '^flags.* (vmx|svm)' /proc/cpuinfo && [ ! -e /sys/module/kvm_pvm ]; then
+        exec bash bench/vm-boot.sh --inner "$W/guest.cpio.gz"
+    fi
+    tests/vm/nested.sh -t 3000 env RUNS="$RUNS" SECS="$SECS" bash bench/vm-boot.sh --inner "$W/guest.cpio.gz"
+    exit
+fi
+
+INITRD=$2
+. tests/vm/lib.sh
+KERNEL=$(vm_kernel)
+RQ=$PWD/target/release/rqemu-system-x86_64
+S=${RQEMU_SCRATCH:-/var/tmp}/rqemu-bench-$$
+mkdir -p "$S"
+trap 'rm -rf "$S"' EXIT
+qemu-img create -q -f raw "$S/d.raw" 512M
+qemu-io -f raw -c 'write -P 0x5a 0 512M' "$S/d.raw" >/dev/null
+qemu-img convert -O qcow2 "$S/d.raw" "$S/d.qcow2"
+echo "kernel $(basename "$KERNEL"), $(nproc) CPUs$([ -n "${RQEMU_NESTED:-}" ] && echo ', nested KVM under QEMU TCG')"
+echo "qemu: $(qemu-system-x86_64 --version | head -n 1)"
+
+# run VMM FORMAT: prints "init_ms rss_kib seq_mibs rand_iops"
+run() {
+    local vmm=$1 fmt=$2 log=$S/log
+    local t0 pid hwm=0 init_ms=""
+    t0=$(date +%s%N)
+    "$vmm" -enable-kvm -M q35 -cpu host -smp 2 -m 512 -nodefaults -display none -serial stdio -no-reboot \
+        -kernel "$KERNEL" -initrd "$INITRD" \
+        -append "console=ttyS0 quiet loglevel=1 panic=-1 rqemu.test=bench rqemu.secs=$SECS" \
+        -drive file="$S/d.$fmt",format=$fmt,if=virtio,cache=none,aio=native </dev/null > "$log" 2>&1 &
+    pid=$!
+    while kill -0 $pid 2>/dev/null; do
+        local h
+        h=$(sed -n 's/^VmHWM: *\([0-9]*\) kB/\1/p' /proc/$pid/status 2>/dev/null || true)
+        [ -n "$h" ] && [ "$h" -gt "$hwm" ] && hwm=$h
+        if [ -z "$init_ms" ] && grep -q 'RQ: init' "$log"; then
+            init_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+        fi
+        sleep 0.05
+    done
+    wait $pid || true
+    local seq rand
+    seq=$(tr -d '\r' < "$log" | sed -n 's/^RQ: seq \([0-9.]*\) .*/\1/p')
+    rand=$(tr -d '\r' < "$log" | sed -n 's/^RQ: rand [0-9.]* \([0-9]*\)/\1/p')
+    echo "${init_ms:-NA} $hwm ${seq:-NA} ${rand:-NA}"
+}
+
+median() { sort -g | awk '{a[NR]=$1} END {print (NR ? a[int((NR+1)/2)] : "NA")}'; }
+
+for fmt in raw qcow2; do
+    : > "$S/rq.$fmt"; : > "$S/qemu.$fmt"
+    for i in $(seq "$RUNS"); do
+        run "$RQ" $fmt >> "$S/rq.$fmt"
+        run qemu-system-x86_64 $fmt >> "$S/qemu.$fmt"
+    done
+done
+
+col() { awk -v c="$2" '{print $c}' "$1" | median; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "NA" || b == "NA" || b == 0) print "NA"; else printf "%.2f", a / b }'; }
+printf '\n%-34s %14s %14s %10s\n' "median of $RUNS runs" rqemu qemu rqemu/qemu
+for fmt in raw qcow2; do
+    for m in "1 boot to init (ms)" "2 peak RSS (MiB)" "3 seq read 1M (MiB/s)" "4 rand read 4K (IOPS)"; do
+        c=${m%% *}; name=${m#* }
+        a=$(col "$S/rq.$fmt" "$c"); b=$(col "$S/qemu.$fmt" "$c")
+        if [ "$c" = 2 ]; then a=$(awk -v x="$a" 'BEGIN{printf "%.1f", x/1024}'); b=$(awk -v x="$b" 'BEGIN{printf "%.1f", x/1024}'); fi
+        printf '%-34s %14s %14s %10s\n' "$fmt: $name" "$a" "$b" "$(ratio "$a" "$b")"
+    done
+done
