@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use rqemu::{have, Scratch};
 
 mod img_common;
-use img_common::{exact_qemu, outcome, rqemu, run_in, setup};
+use img_common::{exact_qemu, outcome, rqemu, run_in};
 
 /// QEMU's tools or rqemu's.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -127,23 +127,34 @@ fn nbd_bitmap(d: &Path, img: &str, name: &str) -> Option<String> {
     let sock = d.join(format!("nbd-{name}.sock"));
     let _ = std::fs::remove_file(&sock);
     let sock_s = sock.to_string_lossy().into_owned();
-    let st = Command::new("qemu-nbd")
-        .args([
-            "--fork", "-r", "-f", "qcow2", "-B", name, "-k", &sock_s, img,
-        ])
+    let mut server = Command::new("qemu-nbd")
+        .args(["-r", "-f", "qcow2", "-B", name, "-k", &sock_s, img])
         .current_dir(d)
         .stdout(Stdio::null())
-        .status()
+        .spawn()
         .expect("qemu-nbd");
-    assert!(st.success(), "qemu-nbd on {img} with bitmap {name}");
+    for _ in 0..500 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let spec = format!(
         "driver=nbd,server.type=unix,server.path={sock_s},x-dirty-bitmap=qemu:dirty-bitmap:{name}"
     );
-    let out = setup(
+    let map = run_in(
         d,
         "qemu-img",
         &["map", "--output=json", "--image-opts", &spec],
     );
+    // The server ends with its one client; wait for it to release the image.
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        map.status.success(),
+        "map of bitmap {name} of {img}: {map:?}"
+    );
+    let out = String::from_utf8_lossy(&map.stdout).into_owned();
     Some(out)
 }
 
@@ -357,4 +368,80 @@ fn help_and_dispatch() {
     let o = rqemu(d.path(), "rqemu-img", &["bitmap", "--help"]);
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains("bitmap"));
+}
+
+/// The bitmap directory offset and the first bitmap's table offset of a qcow2 image.
+fn bitmap_offsets(img: &[u8]) -> (usize, usize) {
+    let be32 = |at: usize| u32::from_be_bytes(img[at..at + 4].try_into().unwrap()) as usize;
+    let be64 = |at: usize| u64::from_be_bytes(img[at..at + 8].try_into().unwrap()) as usize;
+    let mut pos = be32(100);
+    loop {
+        let (kind, len) = (be32(pos), be32(pos + 4));
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == 0x2385_2875 {
+            let dir = be64(pos + 8 + 16);
+            return (dir, be64(dir));
+        }
+        pos += 8 + len.div_ceil(8) * 8;
+    }
+}
+
+/// Damaged bitmap directories and tables are refused with QEMU's messages by every
+/// command that opens the image.
+#[test]
+fn damaged_bitmaps_are_refused_like_qemu() {
+    if !exact_qemu() {
+        return;
+    }
+    let d = Scratch::new("bm-hostile");
+    let p = d.path();
+    img_common::qemu_img(p, "create -q -f qcow2 h.qcow2 10M");
+    img_common::qemu_img(p, "bitmap --add h.qcow2 b");
+    img_common::io(p, "qemu-io", "h.qcow2", &["write 0 64k"]);
+    let good = std::fs::read(p.join("h.qcow2")).unwrap();
+    let (dir, table) = bitmap_offsets(&good);
+    let cases: [(&str, usize, &[u8]); 5] = [
+        ("reserved flag", dir + 15, &[4]),
+        ("table entry reserved bits", table + 7, &[3]),
+        ("table size", dir + 11, &[5]),
+        ("zero granularity", dir + 17, &[0]),
+        ("bitmap count", 0x78 + 8, &[0, 0, 0, 2]),
+    ];
+    for (what, at, bytes) in cases {
+        let mut img = good.clone();
+        img[at..at + bytes.len()].copy_from_slice(bytes);
+        std::fs::write(p.join("x.qcow2"), &img).unwrap();
+        for args in [
+            &["info", "x.qcow2"][..],
+            &["check", "x.qcow2"],
+            &["bitmap", "--clear", "x.qcow2", "b"],
+        ] {
+            let q = outcome(&run_in(p, "qemu-img", args));
+            std::fs::write(p.join("x.qcow2"), &img).unwrap();
+            let r = img_common::rqemu_img(p, args);
+            std::fs::write(p.join("x.qcow2"), &img).unwrap();
+            assert_eq!(r, q, "{what}: {args:?}");
+        }
+    }
+}
+
+/// Images with bitmaps: snapshots cannot be applied, resizing keeps the bitmaps, and
+/// `check -r` leaves them intact.
+#[test]
+fn other_commands_with_bitmaps_match_qemu() {
+    if !exact_qemu() {
+        return;
+    }
+    let p = Pair::new("bm-other");
+    p.img("create -q -f qcow2 a.qcow2 10M");
+    p.img("bitmap --add a.qcow2 b");
+    p.io("a.qcow2", &["write 9M 1M"]);
+    p.img("check -r all a.qcow2");
+    p.identical("a.qcow2");
+    p.img("resize a.qcow2 20M");
+    p.io("a.qcow2", &["write 15M 64k"]);
+    p.compare_image("a.qcow2", &["b"]);
+    p.img("snapshot -c s1 a.qcow2");
+    p.img("snapshot -a s1 a.qcow2");
+    p.img("snapshot -a nosuch a.qcow2");
 }

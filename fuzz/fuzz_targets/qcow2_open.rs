@@ -1,6 +1,6 @@
 //! Fuzzes opening a qcow2 image from arbitrary bytes, then reading, querying allocation,
-//! checking, and writing it. Any input must give an error or a result: never a panic, a
-//! hang or a runaway allocation.
+//! checking, and writing it (persistent bitmaps loaded, added, merged and stored). Any
+//! input must give an error or a result: never a panic, a hang or a runaway allocation.
 #![no_main]
 
 use std::sync::Arc;
@@ -36,6 +36,14 @@ fuzz_target!(|data: &[u8]| {
                 let _ = q.write(size / 2 & !511, &buf[..512], WriteFlags::NONE).await;
                 let _ = q.write_zeroes(0, 65536.min(size), WriteFlags::NONE).await;
                 let _ = q.discard(0, size).await;
+                // Persistent bitmaps: the loaded ones are stored back at close.
+                let _ = q.bitmap_add("fz", Some(512), false).await;
+                let _ = q.write(0, &buf[..512], WriteFlags::NONE).await;
+                for b in q.persistent_bitmaps() {
+                    if let Ok(bits) = q.bitmap_contents(&b.name) {
+                        let _ = q.bitmap_merge("fz", &bits);
+                    }
+                }
                 let _ = q.flush().await;
             }
             let _ = q.check(RepairMode::default()).await;

@@ -220,19 +220,7 @@ impl Qcow2 {
             let mut bits = DirtyBitmap::new(disk_size, e.granularity_bits as u32);
             let in_use = e.flags & bitmaps::FLAG_IN_USE != 0;
             if !in_use {
-                if !opts.no_io {
-                    load_bitmap_data(&m, e, &mut bits).await.map_err(|err| {
-                        let errno = err.errno_value();
-                        Error::other(
-                            format!(
-                                "Could not read bitmap '{}' from image: {}",
-                                e.name,
-                                strerror(errno)
-                            ),
-                            errno,
-                        )
-                    })?;
-                }
+                load_bitmap(&m, e, &mut bits).await?;
                 e.flags |= bitmaps::FLAG_IN_USE;
                 needs_update = true;
             }
@@ -564,14 +552,35 @@ async fn read_table(m: &Meta, offset: u64, size: u32) -> Result<Vec<u64>> {
     Ok(tb)
 }
 
-/// Loads the bits of the bitmap `e` describes.
-async fn load_bitmap_data(m: &Meta, e: &BitmapEntry, bits: &mut DirtyBitmap) -> Result<()> {
+/// Loads the bits of the bitmap `e` describes, with QEMU's messages.
+async fn load_bitmap(m: &Meta, e: &BitmapEntry, bits: &mut DirtyBitmap) -> Result<()> {
+    let failed = |what: String, err: Error| {
+        let errno = err.errno_value();
+        Error::other(format!("{what}: {}", strerror(errno)), errno)
+    };
+    let tb = read_table(m, e.table_offset, e.table_size)
+        .await
+        .map_err(|err| {
+            failed(
+                format!(
+                    "Could not read bitmap_table table from image for bitmap '{}'",
+                    e.name
+                ),
+                err,
+            )
+        })?;
+    load_bitmap_data(m, &tb, bits)
+        .await
+        .map_err(|err| failed(format!("Could not read bitmap '{}' from image", e.name), err))
+}
+
+/// Loads the bitmap data the table `tb` points to.
+async fn load_bitmap_data(m: &Meta, tb: &[u64], bits: &mut DirtyBitmap) -> Result<()> {
     let cs = m.geo.cluster_size();
     let expect = bitmaps::table_entries(bits.size(), bits.granularity_bits(), cs);
-    if expect != e.table_size as u64 {
+    if expect != tb.len() as u64 {
         return Err(Error::errno(libc::EINVAL));
     }
-    let tb = read_table(m, e.table_offset, e.table_size).await?;
     let per_cluster = cs * 8;
     let total = bits.bit_count();
     let mut buf = vec![0u8; cs as usize];

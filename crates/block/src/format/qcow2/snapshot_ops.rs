@@ -291,6 +291,10 @@ impl Qcow2 {
     /// Makes the snapshot with ID or name `id` the current state.
     pub async fn snapshot_goto(&self, id: &str) -> Result<()> {
         self.check_writable()?;
+        // Bitmaps would not describe the reverted disk: refused, as QEMU does.
+        if !self.persistent_bitmaps().is_empty() {
+            return Err(Error::other("Device has active dirty bitmaps", libc::EBUSY));
+        }
         let mut m = self.meta.lock().await;
         let Some(idx) = m.find_snapshot(id) else {
             return Err(Error::errno(libc::ENOENT));
