@@ -569,9 +569,12 @@ async fn load_bitmap(m: &Meta, e: &BitmapEntry, bits: &mut DirtyBitmap) -> Resul
                 err,
             )
         })?;
-    load_bitmap_data(m, &tb, bits)
-        .await
-        .map_err(|err| failed(format!("Could not read bitmap '{}' from image", e.name), err))
+    load_bitmap_data(m, &tb, bits).await.map_err(|err| {
+        failed(
+            format!("Could not read bitmap '{}' from image", e.name),
+            err,
+        )
+    })
 }
 
 /// Loads the bitmap data the table `tb` points to.
