@@ -183,7 +183,7 @@ pub async fn open_node(
         crate::options::DetectZeroes::parse(&d)?;
     }
     // Protocol-only opens (driver=file).
-    if matches!(format, Some("file") | Some("host_device")) {
+    if let Some(proto @ ("file" | "host_device" | "host_cdrom")) = format {
         let fname = kv.take("filename").unwrap_or_else(|| filename.to_string());
         let file = open_file(
             &fname,
@@ -191,6 +191,7 @@ pub async fn open_node(
             flags,
             cache,
             PermRequest::user(!flags.read_only),
+            Some(proto),
         )?;
         return Ok(file);
     }
@@ -209,8 +210,9 @@ pub async fn open_node(
             "A block device must be specified for \"file\"",
         ));
     }
-    match file_kv.take("driver").as_deref() {
-        None | Some("file") | Some("host_device") => {}
+    let proto = file_kv.take("driver");
+    match proto.as_deref() {
+        None | Some("file") | Some("host_device") | Some("host_cdrom") => {}
         Some(other) => {
             return Err(Error::invalid(format!("Unknown protocol '{other}'")));
         }
@@ -222,6 +224,7 @@ pub async fn open_node(
         &mut file_kv,
         flags,
         cache,
+        proto.as_deref(),
     )?)?);
     reject_unknown("file", &file_kv, true)?;
     let (format, probed) = match format {
@@ -297,6 +300,7 @@ pub async fn open_node(
                         flags,
                         cache,
                         PermRequest::user(writable),
+                        None,
                     )?;
                     qo.data_file = Some(data);
                 } else {
@@ -380,6 +384,7 @@ fn file_options(
     kv: &mut KeyVal,
     flags: &GraphFlags,
     cache: CacheMode,
+    driver: Option<&str>,
 ) -> Result<FileOptions> {
     let mut aio = flags.aio;
     if let Some(a) = kv.take("aio") {
@@ -412,6 +417,7 @@ fn file_options(
         aio,
         locking,
         create: false,
+        driver: driver.map(str::to_string),
     })
 }
 
@@ -421,8 +427,9 @@ fn open_file(
     flags: &GraphFlags,
     cache: CacheMode,
     req: PermRequest,
+    driver: Option<&str>,
 ) -> Result<NodeRef> {
-    let fo = file_options(fname, &mut kv, flags, cache)?;
+    let fo = file_options(fname, &mut kv, flags, cache, driver)?;
     reject_unknown("file", &kv, true)?;
     let file = Arc::new(FileNode::open(&fo)?);
     if !flags.force_share {

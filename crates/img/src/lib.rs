@@ -4,6 +4,7 @@
 //! commands share (error reporting in QEMU's form, opening images, the runtime).
 #![warn(missing_docs)]
 
+pub mod bufpool;
 pub mod cmd;
 pub mod common;
 pub mod help;

@@ -8,6 +8,7 @@ use rqemu_block::{BlockBackend, CacheMode, Prealloc, WriteFlags};
 use rqemu_cli::getopt::{HasArg, LongOpt};
 use rqemu_cli::outp;
 
+use crate::bufpool::Pool;
 use crate::common::{block_on, check_image_opts, cvtnum_full, open_image, Ctx, ImageArgs, Objects};
 use crate::progress::Progress;
 use crate::ratelimit::RateLimiter;
@@ -286,17 +287,26 @@ async fn commit(
     }
     let mut limiter = RateLimiter::new(rate);
     let mut done = 0u64;
+    let pool = Pool::default();
     // Reads run ahead; writes land in order, so the base is laid out the same each time.
     let mut s = stream::iter(requests)
         .map(|(off, n)| {
             let blk = blk.clone();
-            async move { read_range(&blk, off, n, size).await.map(|ops| (n, ops)) }
+            let pool = &pool;
+            async move {
+                read_range(&blk, pool, off, n, size)
+                    .await
+                    .map(|ops| (n, ops))
+            }
         })
         .buffered(PARALLEL);
     while let Some((n, ops)) = s.try_next().await? {
         for op in ops {
             match op {
-                Op::Data(pos, buf) => base.write(pos, &buf, WriteFlags::NONE).await?,
+                Op::Data(pos, buf) => {
+                    base.write(pos, &buf, WriteFlags::NONE).await?;
+                    pool.give(buf);
+                }
                 Op::Zero(pos, len) => {
                     let flags = WriteFlags {
                         may_unmap: true,
@@ -328,6 +338,7 @@ enum Op {
 /// discards elsewhere (QEMU's commit job does the same per status).
 async fn read_range(
     blk: &BlockBackend,
+    pool: &Pool,
     off: u64,
     n: u64,
     size: u64,
@@ -339,7 +350,7 @@ async fn read_range(
         let cs = block_status_chain(blk.root(), pos, off + n - pos).await?;
         let len = cs.status.len.max(1).min(off + n - pos);
         if cs.status.data {
-            let mut buf = vec![0u8; len as usize];
+            let mut buf = pool.take(len as usize);
             blk.read(pos, &mut buf).await?;
             ops.push(Op::Data(pos, buf));
         } else if cs.status.zero {

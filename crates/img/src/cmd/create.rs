@@ -139,6 +139,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     };
     let mut opts = match CreateOptions::new(&fmt) {
         Ok(o) => o,
+        Err(_) if super::measure::NO_CREATE.contains(&fmt.as_str()) => {
+            return fail(format!(
+                "Format driver '{fmt}' does not support image creation"
+            ))
+        }
         Err(_) => return fail(format!("Unknown file format '{fmt}'")),
     };
     if let Some(o) = &options {
@@ -231,7 +236,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     match block_on(rqemu_block::create::create(&filename, &opts)) {
         Ok(()) => 0,
         Err(e) if e.errno_value() == libc::EFBIG => {
-            let hint = if opts.has("cluster_size") {
+            let hint = if opts.format() == "qcow2" {
                 " (try using a larger cluster size)"
             } else {
                 ""

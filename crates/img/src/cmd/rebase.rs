@@ -11,6 +11,7 @@ use rqemu_block::{BlockBackend, CacheMode, OpenOptions};
 use rqemu_cli::getopt::{HasArg, LongOpt};
 
 use super::commit::allocated_above;
+use crate::bufpool::Pool;
 use crate::common::{
     block_on, check_image_opts, open_image, Ctx, ImageArgs, Objects, QEMU_FORMATS,
 };
@@ -366,14 +367,18 @@ async fn copy_differences(
         offset = start + len;
     }
     let comp = if o.compress { blk.compressor() } else { None };
+    let pool = Pool::default();
+    let pool = &pool;
     let mut results = stream::iter(stretches)
         .map(|s| {
             let (old, new) = (old.cloned(), new_node.clone());
             async move {
                 let n_old = s.len.min(old_size.saturating_sub(s.offset));
                 let n_new = s.len.min(new_size.saturating_sub(s.offset));
-                let mut buf_old = vec![0u8; s.len as usize];
-                let mut buf_new = vec![0u8; s.len as usize];
+                let mut buf_old = pool.take(s.len as usize);
+                let mut buf_new = pool.take(s.len as usize);
+                buf_old[n_old as usize..].fill(0);
+                buf_new[n_new as usize..].fill(0);
                 if n_old > 0 {
                     if let Some(old) = &old {
                         read_node(old, s.offset, &mut buf_old[..n_old as usize])
@@ -424,6 +429,8 @@ async fn copy_differences(
                 old_eof = true;
             }
         }
+        pool.give(buf_old);
+        pool.give(buf_new);
         meter.print(step_progress, 100);
     }
     Ok(())

@@ -347,7 +347,12 @@ async fn open(st: &mut State, c: &CmdInfo, argv: &[String]) -> i32 {
         }
     };
     if let Err(e) = st.open(o, &label).await {
-        st.error(&format!("can't open device {label}: {e}"));
+        // qemu-io names the device only when it was given a filename.
+        if label.is_empty() {
+            st.error(&format!("can't open: {e}"));
+        } else {
+            st.error(&format!("can't open device {label}: {e}"));
+        }
         return -libc::EINVAL;
     }
     0

@@ -250,7 +250,25 @@ pub static COMMANDS: &[CmdInfo] = &[
     },
 ];
 
+/// Short names qemu-io also accepts.
+const ALIASES: &[(&str, &str)] = &[
+    ("r", "read"),
+    ("w", "write"),
+    ("f", "flush"),
+    ("t", "truncate"),
+    ("i", "info"),
+    ("d", "discard"),
+    ("a", "alloc"),
+    ("o", "open"),
+    ("c", "close"),
+    ("?", "help"),
+];
+
 fn find(name: &str) -> Option<&'static CmdInfo> {
+    let name = ALIASES
+        .iter()
+        .find(|(a, _)| *a == name)
+        .map_or(name, |(_, full)| full);
     COMMANDS
         .iter()
         .find(|c| c.name == name || c.altname == Some(name))

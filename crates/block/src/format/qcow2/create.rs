@@ -185,6 +185,7 @@ pub(crate) fn create_file(filename: &str) -> Result<Arc<FileNode>> {
         aio: crate::options::AioMode::Threads,
         locking: true,
         create: true,
+        driver: None,
     })
     .map_err(|e| match e {
         Error::Os { errno, .. } => Error::Os {

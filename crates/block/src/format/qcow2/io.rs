@@ -214,7 +214,7 @@ impl Qcow2 {
     }
 
     /// Copies the copy-on-write regions of `metas` from the old content.
-    async fn write_cow(&self, _pos: u64, metas: &[L2Meta]) -> Result<()> {
+    pub(super) async fn write_cow(&self, _pos: u64, metas: &[L2Meta]) -> Result<()> {
         for m in metas {
             for region in [m.cow_start, m.cow_end] {
                 if region.bytes == 0 {

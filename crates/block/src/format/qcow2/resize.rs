@@ -20,7 +20,16 @@ impl Qcow2 {
             return Err(Error::invalid("The new size must be a multiple of 512"));
         }
         // Internal snapshots keep their own L1 tables and sizes: resizing the active
-        // state leaves them alone, as QEMU does.
+        // state leaves them alone, as QEMU does. Version 2 snapshot entries cannot record
+        // their own disk size, so there they forbid resizing.
+        {
+            let m = self.meta.lock().await;
+            if m.h.version < 3 && !m.snapshots.is_empty() {
+                return Err(Error::unsupported(
+                    "Can't resize a v2 image which has snapshots",
+                ));
+            }
+        }
         if size < old {
             if prealloc != Prealloc::Off {
                 return Err(Error::unsupported(
@@ -43,6 +52,11 @@ impl Qcow2 {
                 Prealloc::Falloc | Prealloc::Full => {
                     self.preallocate_data(old, size, prealloc).await?
                 }
+            }
+            // A backing file reaching past the old end would show through the new area:
+            // it must read as zeroes instead (zero clusters, zeroes for a partial head).
+            if self.backing_node().is_some_and(|b| b.size() > old) {
+                self.zero_new_area(old, size).await?;
             }
         }
         let mut m = self.meta.lock().await;
@@ -97,8 +111,11 @@ impl Qcow2 {
         let mut last_end = 0u64;
         while pos < to {
             let (host, bytes, metas) = self.reserve(pos, to - pos).await?;
+            // Parts of the first and last clusters outside the range keep what they
+            // read as now (backing file data), as with any allocating write.
+            let cow = self.write_cow(pos, &metas).await;
             let mut m = self.meta.lock().await;
-            let mut r = Ok(());
+            let mut r = cow;
             for mut meta in metas {
                 meta.prealloc = true;
                 if r.is_ok() {
@@ -118,6 +135,30 @@ impl Qcow2 {
         let data = self.data().clone();
         if last_end > data.size() {
             data.truncate(last_end, false, Prealloc::Off).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes `[old, new)` read as zeroes after growing.
+    async fn zero_new_area(&self, old: u64, new: u64) -> Result<()> {
+        let scs = self.geo.subcluster_size();
+        let zero_start = old.div_ceil(scs) * scs;
+        if new > zero_start {
+            let mut m = self.meta.lock().await;
+            let r = m
+                .zeroize(zero_start, new - zero_start, false, new)
+                .await
+                .map_err(|e| e.context("Failed to zero out new clusters"));
+            self.with_meta(&mut m, r).await?;
+        }
+        if zero_start > old {
+            let len = zero_start.min(new) - old;
+            let zeroes = vec![0u8; len as usize];
+            // The size is not updated yet: write below the new end directly.
+            self.size.store(new, Ordering::Release);
+            let r = self.write_guest(old, &zeroes).await;
+            self.size.store(old, Ordering::Release);
+            r.map_err(|e| e.context("Failed to zero out the new area"))?;
         }
         Ok(())
     }

@@ -6,7 +6,7 @@
 //! (all cores); the writer is the only one allocating in the target.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use rqemu_block::backend::is_zero;
@@ -16,6 +16,7 @@ use rqemu_block::BlockBackend;
 
 use super::plan::{Chunk, Planner, Status};
 use super::sparse::allocated_run_min;
+use crate::bufpool::Pool;
 use crate::common::{read_sectors, Ctx};
 use crate::progress::Progress;
 use crate::ratelimit::RateLimiter;
@@ -90,29 +91,6 @@ enum Op {
 struct Prepared {
     buf: Vec<u8>,
     ops: Vec<Op>,
-}
-
-/// Reusable request buffers.
-#[derive(Default)]
-struct Pool(Mutex<Vec<Vec<u8>>>);
-
-impl Pool {
-    fn take(&self, len: usize) -> Vec<u8> {
-        let mut v = self
-            .0
-            .lock()
-            .ok()
-            .and_then(|mut p| p.pop())
-            .unwrap_or_default();
-        v.resize(len, 0);
-        v
-    }
-
-    fn give(&self, v: Vec<u8>) {
-        if let Ok(mut p) = self.0.lock() {
-            p.push(v);
-        }
-    }
 }
 
 impl Job {

@@ -431,6 +431,12 @@ async fn setup(
         let out_fmt = a.out_fmt.as_deref().unwrap_or("raw");
         let mut opts = match CreateOptions::new(out_fmt) {
             Ok(o) => o,
+            Err(_) if super::measure::NO_CREATE.contains(&out_fmt) => {
+                ctx.error(&format!(
+                    "Format driver '{out_fmt}' does not support image creation"
+                ));
+                return 1;
+            }
             Err(_) => {
                 ctx.error(&format!("Unknown file format '{out_fmt}'"));
                 return 1;
@@ -624,7 +630,7 @@ async fn copy_bitmaps(ctx: &Ctx, src: &BlockBackend, dst: &BlockBackend, skip_br
 /// The error text of a failed target creation, with qemu-img's hint for sizes too large.
 fn create_error(e: &rqemu_block::Error, opts: &CreateOptions) -> String {
     if e.errno_value() == libc::EFBIG {
-        let hint = if opts.has("cluster_size") {
+        let hint = if opts.format() == "qcow2" {
             " (try using a larger cluster size)"
         } else {
             ""
