@@ -305,6 +305,28 @@ pub struct CreateOptions {
     values: Vec<(String, String)>,
 }
 
+/// A number option as QemuOpts reads it: C's `strtoull` over the whole value (decimal,
+/// `0x` hex or leading-zero octal; a minus sign wraps around).
+pub fn parse_number(value: &str) -> Option<u64> {
+    let t = value.trim_start();
+    let (neg, t) = match t.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let (radix, digits) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        (16, h)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (8, &t[1..])
+    } else {
+        (10, t)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    let v = u64::from_str_radix(digits, radix).ok()?;
+    Some(if neg { v.wrapping_neg() } else { v })
+}
+
 /// The message QEMU gives for a size it cannot parse, with its hint.
 pub fn size_param_error(name: &str) -> Error {
     Error::invalid(format!(
@@ -360,7 +382,7 @@ impl CreateOptions {
                 parse_size(value, 1).map_err(|_| size_param_error(name))?;
             }
             OptKind::Number => {
-                if value.parse::<u64>().is_err() {
+                if parse_number(value).is_none() {
                     return Err(Error::invalid(format!(
                         "Parameter '{name}' expects a number"
                     )));

@@ -290,7 +290,9 @@ pub async fn open_node(
             let data_name = data_file_opt
                 .or_else(|| data_kv.take("filename"))
                 .or_else(|| data_kv.take("file.filename"))
-                .or_else(|| header_data_file.map(|n| resolve_relative(&fname, &n)));
+                // QEMU opens the name recorded in the header as it is (relative to the
+                // working directory, unlike backing file names).
+                .or(header_data_file);
             let data_name = if flags.no_io { None } else { data_name };
             if let Some(dn) = data_name {
                 if peek_has_data_file(&file_ref).await? || !data_kv.is_empty() {

@@ -101,11 +101,7 @@ pub fn parse(
                         .iter()
                         .any(|c| c.key != cands[0].key || c.has_arg != cands[0].has_arg);
                     match cands.len() {
-                        0 => {
-                            return Err(GetoptError(format!(
-                                "{prog}: unrecognized option '--{name}'"
-                            )))
-                        }
+                        0 => return Err(GetoptError(format!("{prog}: unrecognized option '{a}'"))),
                         _ if distinct => {
                             let list: Vec<String> =
                                 cands.iter().map(|c| format!("'--{}'", c.name)).collect();

@@ -222,7 +222,9 @@ fn parse_options(fmt: &str, options: &str) -> Result<Amend, String> {
     Ok(Amend {
         version,
         lazy_refcounts: o.get_bool("lazy_refcounts"),
-        refcount_bits: o.get("refcount_bits").and_then(|v| v.parse().ok()),
+        refcount_bits: o
+            .get("refcount_bits")
+            .and_then(rqemu_block::create::parse_number),
         size: o.get_size("size"),
         backing_file: o.get("backing_file").map(str::to_string),
         backing_fmt: o.get("backing_fmt").map(str::to_string),

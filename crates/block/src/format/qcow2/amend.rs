@@ -81,7 +81,7 @@ impl Qcow2 {
                 ));
             }
             let mut m = self.meta.lock().await;
-            let r = m.change_refcount_order(refcount_order).await;
+            let r = m.change_refcount_order(refcount_order, progress).await;
             self.with_meta(&mut m, r).await?;
         }
         {
@@ -250,6 +250,12 @@ async fn expand_zero_clusters(m: &mut Meta, progress: &mut dyn FnMut(u64, u64)) 
     let total: u64 = tables.iter().map(|t| t.1).sum();
     let mut visited = 0;
     for (l1_off, l1_size, active) in tables {
+        if !active {
+            // Snapshot L1 tables may point at L2 tables the active one uses, read here
+            // from disk: what the active pass changed must be there first.
+            m.flush_l2().await?;
+            m.l2_cache.clear();
+        }
         let l1 = if active {
             m.l1.clone()
         } else {

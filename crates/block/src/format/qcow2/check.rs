@@ -76,6 +76,23 @@ impl Imrt {
     }
 }
 
+/// Reports progress as QEMU's refcount-width change does: `alloc_walks` walks over the
+/// `entries` of the old refcount table that allocate, each expecting at least one more
+/// (at least three in all), then one that writes; each walk reports before every entry
+/// and once at its end.
+fn report_walks(entries: u64, alloc_walks: u64, progress: &mut dyn FnMut(u64, u64)) {
+    let n = entries.max(1);
+    for w in 0..alloc_walks {
+        let total = (w + 2).max(3);
+        for i in 0..=n {
+            progress(w * n + i, total * n);
+        }
+    }
+    for i in 0..=n {
+        progress(alloc_walks * n + i, (alloc_walks + 1) * n);
+    }
+}
+
 /// Messages go to stderr as the check runs, like QEMU's.
 fn say(msg: String) {
     eprintln!("{msg}");
@@ -662,12 +679,13 @@ impl Meta {
         first: u64,
         mut end: u64,
         reftable: &mut Vec<u64>,
-    ) -> Result<bool> {
+    ) -> Result<(bool, u32)> {
         let cs = self.geo.cluster_size();
         let bits = self.geo.refblock_bits();
         let per_block = self.geo.refblock_entries();
         let mut first_free = 0u64;
         let mut grown = false;
+        let mut new_blocks = 0;
         let mut cluster = first;
         while cluster < end {
             if t.get(cluster) == 0 {
@@ -693,6 +711,7 @@ impl Meta {
                     grown = true;
                 }
                 reftable[index as usize] = off;
+                new_blocks += 1;
                 off
             };
             if self.overlaps_metadata(offset, cs).is_some() && offset != 0 {
@@ -708,13 +727,16 @@ impl Meta {
             self.write_meta(offset, &block).await?;
             cluster = start + per_block;
         }
-        Ok(grown)
+        Ok((grown, new_blocks))
     }
 
     /// Writes refblocks and a refcount table for the counts in `t` into clusters `t`
     /// has free (marking them used); returns the table, its offset and its clusters.
     /// Nothing on disk refers to the new structures yet.
-    async fn write_refcount_structure(&mut self, t: &mut Imrt) -> Result<(Vec<u64>, u64, u64)> {
+    async fn write_refcount_structure(
+        &mut self,
+        t: &mut Imrt,
+    ) -> Result<(Vec<u64>, u64, u64, u32)> {
         let cs = self.geo.cluster_size();
         self.rb_cache.clear();
         let mut reftable: Vec<u64> = Vec::new();
@@ -727,16 +749,22 @@ impl Meta {
                     crate::error::strerror(e.errno_value())
                 ))
             })?;
+        // How often placing the table needed new refblocks (each costs QEMU one more
+        // walk over the refcount table, which its progress shows).
+        let mut extra = 0;
         let (reftable_offset, reftable_clusters) = loop {
             let len = reftable.len() as u64 * 8;
             let clusters = len.div_ceil(cs);
             let mut first_free = 0;
             let offset = self.alloc_clusters_imrt(clusters, t, &mut first_free);
             let start = offset / cs;
-            if !self
+            let (grown, new_blocks) = self
                 .write_refblocks_imrt(t, start, start + clusters, &mut reftable)
-                .await?
-            {
+                .await?;
+            if new_blocks > 0 {
+                extra += 1;
+            }
+            if !grown {
                 break (offset, clusters);
             }
         };
@@ -745,7 +773,7 @@ impl Meta {
             put_be64(&mut bytes, i * 8, *e);
         }
         self.write_meta(reftable_offset, &bytes).await?;
-        Ok((reftable, reftable_offset, reftable_clusters))
+        Ok((reftable, reftable_offset, reftable_clusters, extra))
     }
 
     /// Makes `reftable` (written by [`Self::write_refcount_structure`]) the image's.
@@ -759,7 +787,7 @@ impl Meta {
     }
 
     async fn rebuild_refcount_structure(&mut self, res: &mut Res, t: &mut Imrt) -> Result<()> {
-        let (reftable, offset, clusters) = self
+        let (reftable, offset, clusters, _) = self
             .write_refcount_structure(t)
             .await
             .inspect_err(|_| res.check_errors += 1)?;
@@ -779,35 +807,24 @@ impl Meta {
     /// durable before one header write switches width and table together; until then
     /// the old structures describe the image. Only then are the old structures freed
     /// (in the new ones), so a crash in between leaks clusters at worst.
-    pub(super) async fn change_refcount_order(&mut self, new_order: u32) -> Result<()> {
+    pub(super) async fn change_refcount_order(
+        &mut self,
+        new_order: u32,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
         let cs = self.geo.cluster_size();
         self.flush_caches().await?;
-        let mut nb = self.file.size().div_ceil(cs);
-        let mut counts = Imrt::new(nb, 6, cs);
-        let mut res = Res::default();
-        let mut rebuild = false;
-        self.calculate_refcounts(
-            &mut res,
-            RepairMode::default(),
-            &mut rebuild,
-            &mut counts,
-            &mut nb,
-        )
-        .await?;
-        if res.corruptions > 0 || res.check_errors > 0 || rebuild {
-            return Err(Error::other(
-                "Image is corrupt; run 'qemu-img check -r all' first",
-                libc::EIO,
-            ));
-        }
+        // The new structures take over the refcounts as they are (a wrong one stays
+        // wrong, for `check -r` to repair), in the new width.
+        let nb = self.file.size().div_ceil(cs);
         let max = if new_order == 6 {
             u64::MAX
         } else {
             (1u64 << (1 << new_order)) - 1
         };
-        let mut t = Imrt::new(counts.entries, new_order, cs);
-        for i in 0..counts.entries {
-            let v = counts.get(i);
+        let mut t = Imrt::new(nb, new_order, cs);
+        for i in 0..nb {
+            let v = self.get_refcount(i).await?;
             if v > max {
                 return Err(Error::other(
                     format!(
@@ -818,7 +835,9 @@ impl Meta {
                     libc::EINVAL,
                 ));
             }
-            t.set(i, v);
+            if v != 0 {
+                t.set(i, v);
+            }
         }
         let old_geo = self.geo;
         let old_table = (
@@ -828,7 +847,7 @@ impl Meta {
         let old_blocks: Vec<u64> = self.reftable.iter().copied().filter(|&o| o != 0).collect();
         self.geo.refcount_order = new_order;
         let written = self.write_refcount_structure(&mut t).await;
-        let (reftable, offset, clusters) = match written {
+        let (reftable, offset, clusters, extra) = match written {
             Ok(w) => w,
             Err(e) => {
                 self.geo = old_geo;
@@ -854,7 +873,9 @@ impl Meta {
             ) = old_header;
             return Err(e);
         }
+        let old_entries = self.reftable.len() as u64;
         self.adopt_reftable(reftable, offset, clusters);
+        report_walks(old_entries, 2 + extra as u64, progress);
         for b in old_blocks {
             self.free_clusters(b, cs, DiscardType::Other).await;
         }

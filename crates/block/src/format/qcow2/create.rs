@@ -118,7 +118,7 @@ impl Qcow2CreateParams {
         }
         let refcount_bits = o
             .get("refcount_bits")
-            .map(|v| v.parse::<u64>().unwrap_or(0))
+            .map(|v| crate::create::parse_number(v).unwrap_or(0))
             .unwrap_or(16);
         if refcount_bits > 64 || !refcount_bits.is_power_of_two() {
             return Err(Error::invalid(
@@ -209,8 +209,8 @@ pub async fn create(filename: &str, o: &CreateOptions) -> Result<()> {
     let file_ref: NodeRef = file.clone();
     let data_ref: Option<NodeRef> = match &p.data_file {
         Some(d) => {
-            let path = crate::open::resolve_relative(filename, d);
-            let df = create_file(&path)?;
+            // Like QEMU, the name is taken as it is (relative to the working directory).
+            let df = create_file(d)?;
             df.truncate(0, false, Prealloc::Off).await?;
             Some(df)
         }

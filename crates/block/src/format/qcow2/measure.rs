@@ -104,7 +104,7 @@ impl MeasureParams {
         };
         let refcount_bits = match o.get("refcount_bits") {
             None => 16,
-            Some(v) => v.parse::<u64>().unwrap_or(0),
+            Some(v) => crate::create::parse_number(v).unwrap_or(0),
         };
         if refcount_bits > 64 || !refcount_bits.is_power_of_two() {
             return Err(Error::invalid(

@@ -9,7 +9,9 @@ use crate::node::BlockDriver;
 use crate::node::{Prealloc, WriteFlags};
 
 use super::cluster::{CowRegion, L2Meta};
-use super::meta::DiscardType;
+use super::meta::{DiscardType, Meta};
+use super::refcount::{rb_get, rb_set};
+use super::types::*;
 use super::Qcow2;
 
 impl Qcow2 {
@@ -75,7 +77,7 @@ impl Qcow2 {
         let mut m = self.meta.lock().await;
         if start < old {
             let r = m
-                .discard_clusters(start, old - start, DiscardType::Other, true)
+                .discard_clusters(start, old - start, DiscardType::Always, true)
                 .await;
             self.with_meta(&mut m, r).await.map_err(|e| {
                 Error::other(
@@ -89,6 +91,13 @@ impl Qcow2 {
         self.with_meta(&mut m, r).await.map_err(|e| {
             Error::other(
                 format!("Failed to reduce the number of L2 tables: {e}"),
+                e.errno_value(),
+            )
+        })?;
+        let r = m.shrink_reftable().await;
+        self.with_meta(&mut m, r).await.map_err(|e| {
+            Error::other(
+                format!("Failed to discard unused refblocks: {e}"),
                 e.errno_value(),
             )
         })?;
@@ -167,12 +176,13 @@ impl Qcow2 {
     /// one contiguous area at the end of the file, then L2 entries pointing into it.
     async fn preallocate_data(&self, from: u64, to: u64, mode: Prealloc) -> Result<()> {
         if self.data_file.is_some() {
-            self.preallocate_metadata(from, to).await?;
+            // The data file gets the space first (the metadata pass would otherwise
+            // just extend it).
             let d = self.data().clone();
             if d.size() < to {
                 d.truncate(to, false, mode).await?;
             }
-            return Ok(());
+            return self.preallocate_metadata(from, to).await;
         }
         let geo = self.geo;
         let cs = geo.cluster_size();
@@ -239,6 +249,97 @@ impl Qcow2 {
             let r = m.link_l2(meta).await;
             self.with_meta(&mut m, r).await?;
         }
+        Ok(())
+    }
+}
+
+impl Meta {
+    /// Drops refblocks that no longer count anything but themselves (after a shrink):
+    /// the refcount table is rewritten without them first, then they are freed.
+    async fn shrink_reftable(&mut self) -> Result<()> {
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let order = geo.refcount_order;
+        let mut keep = self.reftable.clone();
+        for (i, entry) in self.reftable.clone().into_iter().enumerate() {
+            let off = entry & REFT_OFFSET_MASK;
+            if off == 0 {
+                keep[i] = 0;
+                continue;
+            }
+            self.load_refblock(off).await?;
+            let own = (off / cs) >> geo.refblock_bits() == i as u64;
+            let Some(block) = self.rb_cache.get(off) else {
+                continue;
+            };
+            let unused = if own {
+                let idx = (off / cs) & (geo.refblock_entries() - 1);
+                let v = rb_get(block, idx, order);
+                rb_set(block, idx, order, 0);
+                let zero = block.iter().all(|&b| b == 0);
+                rb_set(block, idx, order, v);
+                zero
+            } else {
+                block.iter().all(|&b| b == 0)
+            };
+            if unused {
+                keep[i] = 0;
+            }
+        }
+        let mut bytes = vec![0u8; self.reftable.len() * 8];
+        for (i, e) in keep.iter().enumerate() {
+            put_be64(&mut bytes, i * 8, *e);
+        }
+        let table_off = self.h.refcount_table_offset;
+        let written = async {
+            self.write_meta(table_off, &bytes).await?;
+            self.file_dirty = true;
+            self.sync().await
+        }
+        .await;
+        let mut r = written;
+        for (i, kept) in keep.iter().enumerate() {
+            let off = self.reftable[i] & REFT_OFFSET_MASK;
+            if off != 0 && *kept == 0 {
+                if r.is_ok() {
+                    r = self.discard_refblock(off).await;
+                }
+                self.reftable[i] = 0;
+            }
+        }
+        self.update_max_reftable_index();
+        self.process_discards().await;
+        r
+    }
+
+    /// Frees the cluster of a refblock no longer in the refcount table.
+    async fn discard_refblock(&mut self, off: u64) -> Result<()> {
+        let geo = self.geo;
+        let cs = geo.cluster_size();
+        let index = off / cs;
+        let holder = self.reftable[(index >> geo.refblock_bits()) as usize] & REFT_OFFSET_MASK;
+        self.load_refblock(holder).await?;
+        let at = index & (geo.refblock_entries() - 1);
+        let order = geo.refcount_order;
+        let v = self
+            .rb_cache
+            .get(holder)
+            .map(|b| rb_get(b, at, order))
+            .unwrap_or(0);
+        if v != 1 {
+            return Err(self
+                .signal_corruption(true, format!("Invalid refcount: {v}"))
+                .await);
+        }
+        if let Some(b) = self.rb_cache.get(holder) {
+            rb_set(b, at, order, 0);
+        }
+        self.rb_cache.mark_dirty(holder);
+        if index < self.free_cluster_index {
+            self.free_cluster_index = index;
+        }
+        self.rb_cache.remove(off);
+        self.note_freed(off, cs, DiscardType::Always);
         Ok(())
     }
 }

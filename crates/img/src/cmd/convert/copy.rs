@@ -281,12 +281,29 @@ async fn compress(comp: Compressor, data: Vec<u8>) -> Option<Vec<u8>> {
         .flatten()
 }
 
-/// Reads `buf.len()` bytes of the concatenated sources at `sector` (zeroes past a
-/// source's unaligned end); with `--salvage`, sectors that cannot be read become zeroes.
+/// Reads `buf.len()` bytes of the concatenated sources at `sector` (a request for a
+/// whole compressed cluster may span two sources; zeroes past a source's unaligned end);
+/// with `--salvage`, sectors that cannot be read become zeroes.
 async fn read(job: &Job, sector: u64, buf: &mut [u8]) -> rqemu_block::Result<()> {
-    let (i, start) = job.source_at(sector);
-    let src = &job.sources[i];
-    let offset = (sector - start) * 512;
+    let mut done = 0usize;
+    while done < buf.len() {
+        let at = sector + (done / 512) as u64;
+        let (i, start) = job.source_at(at);
+        let src = &job.sources[i];
+        let left = ((start + src.sectors).saturating_sub(at) * 512) as usize;
+        let n = if left == 0 {
+            buf.len() - done
+        } else {
+            left.min(buf.len() - done)
+        };
+        read_one(job, src, (at - start) * 512, &mut buf[done..done + n]).await?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Reads from one source.
+async fn read_one(job: &Job, src: &Source, offset: u64, buf: &mut [u8]) -> rqemu_block::Result<()> {
     match read_sectors(&src.blk, offset, buf).await {
         Err(_) if job.salvage => {
             for (k, s) in buf.chunks_mut(512).enumerate() {
