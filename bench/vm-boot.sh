@@ -32,19 +32,20 @@ G
     if grep -qE '^flags.* (vmx|svm)' /proc/cpuinfo && [ ! -e /sys/module/kvm_pvm ]; then
         exec bash bench/vm-boot.sh --inner "$W/guest.cpio.gz"
     fi
-    tests/vm/nested.sh -t 3000 env RUNS="$RUNS" SECS="$SECS" bash bench/vm-boot.sh --inner "$W/guest.cpio.gz"
+    tests/vm/nested.sh -t 3000 env RUNS="$RUNS" SECS="$SECS" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-}" \
+        bash bench/vm-boot.sh --inner "$W/guest.cpio.gz"
     exit
 fi
 
 INITRD=$2
 . tests/vm/lib.sh
 KERNEL=$(vm_kernel)
-RQ=$PWD/target/release/rqemu-system-x86_64
+RQ=${CARGO_TARGET_DIR:-$PWD/target}/release/rqemu-system-x86_64
 S=${RQEMU_SCRATCH:-/var/tmp}/rqemu-bench-$$
 mkdir -p "$S"
 trap 'rm -rf "$S"' EXIT
-qemu-img create -q -f raw "$S/d.raw" 512M
-qemu-io -f raw -c 'write -P 0x5a 0 512M' "$S/d.raw" >/dev/null
+qemu-img create -q -f raw "$S/d.raw" 256M
+qemu-io -f raw -c 'write -P 0x5a 0 256M' "$S/d.raw" >/dev/null
 qemu-img convert -O qcow2 "$S/d.raw" "$S/d.qcow2"
 echo "kernel $(basename "$KERNEL"), $(nproc) CPUs$([ -n "${RQEMU_NESTED:-}" ] && echo ', nested KVM under QEMU TCG')"
 echo "qemu: $(qemu-system-x86_64 --version | head -n 1)"
@@ -52,27 +53,26 @@ echo "qemu: $(qemu-system-x86_64 --version | head -n 1)"
 # run VMM FORMAT: prints "init_ms rss_kib seq_mibs rand_iops"
 run() {
     local vmm=$1 fmt=$2 log=$S/log
-    local t0 pid hwm=0 init_ms=""
+    local t0 pid init_ms=""
     t0=$(date +%s%N)
-    "$vmm" -enable-kvm -M q35 -cpu host -smp 2 -m 512 -nodefaults -display none -serial stdio -no-reboot \
+    /usr/bin/time -f '%M' -o "$S/rss" \
+        "$vmm" -enable-kvm -M q35 -cpu host -smp 2 -m 512 -nodefaults -display none -serial stdio -no-reboot \
         -kernel "$KERNEL" -initrd "$INITRD" \
         -append "console=ttyS0 quiet loglevel=1 panic=-1 rqemu.test=bench rqemu.secs=$SECS" \
         -drive file="$S/d.$fmt",format=$fmt,if=virtio,cache=none,aio=native </dev/null > "$log" 2>&1 &
     pid=$!
     while kill -0 $pid 2>/dev/null; do
-        local h
-        h=$(sed -n 's/^VmHWM: *\([0-9]*\) kB/\1/p' /proc/$pid/status 2>/dev/null || true)
-        [ -n "$h" ] && [ "$h" -gt "$hwm" ] && hwm=$h
         if [ -z "$init_ms" ] && grep -q 'RQ: init' "$log"; then
             init_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
         fi
         sleep 0.05
     done
     wait $pid || true
-    local seq rand
+    local seq rand rss
     seq=$(tr -d '\r' < "$log" | sed -n 's/^RQ: seq \([0-9.]*\) .*/\1/p')
     rand=$(tr -d '\r' < "$log" | sed -n 's/^RQ: rand [0-9.]* \([0-9]*\)/\1/p')
-    echo "${init_ms:-NA} $hwm ${seq:-NA} ${rand:-NA}"
+    rss=$(tail -n 1 "$S/rss")
+    echo "${init_ms:-NA} ${rss:-NA} ${seq:-NA} ${rand:-NA}"
 }
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR ? a[int((NR+1)/2)] : "NA")}'; }

@@ -43,6 +43,38 @@ fn host_slice<'a>(mem: &'a GuestMemoryMmap, seg: &Segment) -> Option<&'a mut [u8
     Some(unsafe { std::slice::from_raw_parts_mut(ptr, seg.len as usize) })
 }
 
+/// Largest request copied through a bounce buffer (larger ones go segment by segment).
+const BOUNCE_MAX: u64 = 4 << 20;
+
+/// The request's buffers as host slices, with segments that are adjacent in host memory
+/// merged: one slice for a buffer that is contiguous in the guest.
+fn host_runs<'a>(mem: &'a GuestMemoryMmap, segs: &[Segment]) -> Option<Vec<&'a mut [u8]>> {
+    let mut runs: Vec<&'a mut [u8]> = Vec::new();
+    for seg in segs {
+        let s = host_slice(mem, seg)?;
+        if s.is_empty() {
+            continue;
+        }
+        if let Some(last) = runs.last_mut() {
+            // SAFETY: pointer arithmetic only; one past the end of a live slice.
+            let end = unsafe { last.as_mut_ptr().add(last.len()) };
+            if end == s.as_mut_ptr() {
+                let len = last.len() + s.len();
+                // SAFETY: both slices come from `host_slice` over the same mapped region
+                // (get_slice never spans regions, and adjacency was checked), so the merged
+                // range is one live mapping of `len` bytes.
+                *last = unsafe { std::slice::from_raw_parts_mut(last.as_mut_ptr(), len) };
+                continue;
+            }
+        }
+        runs.push(s);
+    }
+    if runs.is_empty() {
+        runs.push(&mut []);
+    }
+    Some(runs)
+}
+
 /// Runs a parsed request; returns the status byte.
 pub async fn run(disk: &Disk, req: &Request, mem: &GuestMemoryMmap) -> u8 {
     if let Some(t) = &disk.throttle {
@@ -51,21 +83,60 @@ pub async fn run(disk: &Disk, req: &Request, mem: &GuestMemoryMmap) -> u8 {
     }
     let result: Result<(), ()> = async {
         match req.kind {
-            Kind::Read { offset } => {
-                let mut off = offset;
-                for seg in &req.data {
-                    let buf = host_slice(mem, seg).ok_or(())?;
-                    disk.backend.read(off, buf).await.map_err(|_| ())?;
-                    off += u64::from(seg.len);
+            Kind::Read { offset } => match host_runs(mem, &req.data) {
+                Some(runs) if runs.len() == 1 || req.data_len > BOUNCE_MAX => {
+                    let mut off = offset;
+                    for buf in runs {
+                        let len = buf.len() as u64;
+                        disk.backend.read(off, buf).await.map_err(|_| ())?;
+                        off += len;
+                    }
                 }
-            }
+                Some(_) => {
+                    let mut bounce = disk.take_bounce(req.data_len as usize);
+                    let buf = &mut bounce[..req.data_len as usize];
+                    let r = disk.backend.read(offset, buf).await;
+                    let mut at = 0usize;
+                    for seg in &req.data {
+                        let n = seg.len as usize;
+                        let _ = mem.write_slice(&buf[at..at + n], seg.addr);
+                        at += n;
+                    }
+                    disk.give_bounce(bounce);
+                    r.map_err(|_| ())?;
+                }
+                None => return Err(()),
+            },
             Kind::Write { offset } => {
                 let fua = !disk.wce.load(Ordering::Relaxed);
-                let mut off = offset;
-                for seg in &req.data {
-                    let buf = host_slice(mem, seg).ok_or(())?;
-                    disk.backend.write(off, buf, fua).await.map_err(|_| ())?;
-                    off += u64::from(seg.len);
+                match host_runs(mem, &req.data) {
+                    Some(runs) if runs.len() == 1 || req.data_len > BOUNCE_MAX => {
+                        let mut off = offset;
+                        for buf in runs {
+                            let len = buf.len() as u64;
+                            disk.backend.write(off, buf, fua).await.map_err(|_| ())?;
+                            off += len;
+                        }
+                    }
+                    Some(_) => {
+                        let mut bounce = disk.take_bounce(req.data_len as usize);
+                        let buf = &mut bounce[..req.data_len as usize];
+                        let mut at = 0usize;
+                        let mut ok = true;
+                        for seg in &req.data {
+                            let n = seg.len as usize;
+                            ok &= mem.read_slice(&mut buf[at..at + n], seg.addr).is_ok();
+                            at += n;
+                        }
+                        let r = if ok {
+                            disk.backend.write(offset, buf, fua).await.map_err(|_| ())
+                        } else {
+                            Err(())
+                        };
+                        disk.give_bounce(bounce);
+                        r?;
+                    }
+                    None => return Err(()),
                 }
             }
             Kind::Flush => disk.backend.flush().await.map_err(|_| ())?,
