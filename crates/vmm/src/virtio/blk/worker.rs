@@ -48,6 +48,7 @@ const BOUNCE_MAX: u64 = 4 << 20;
 
 /// The request's buffers as host slices, with segments that are adjacent in host memory
 /// merged: one slice for a buffer that is contiguous in the guest.
+#[allow(clippy::mut_from_ref)] // guest memory is shared, mutable memory by nature
 fn host_runs<'a>(mem: &'a GuestMemoryMmap, segs: &[Segment]) -> Option<Vec<&'a mut [u8]>> {
     let mut runs: Vec<&'a mut [u8]> = Vec::new();
     for seg in segs {
