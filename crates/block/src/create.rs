@@ -461,6 +461,8 @@ impl CreateOptions {
 
 /// Creates the image `filename` with `opts` (which must include `size`).
 pub async fn create(filename: &str, opts: &CreateOptions) -> Result<()> {
+    // `file:` names the protocol explicitly; the rest is the path.
+    let filename = filename.strip_prefix("file:").unwrap_or(filename);
     match opts.format() {
         "qcow2" => qcow2::create::create(filename, opts).await,
         "raw" => raw::create(filename, opts).await,

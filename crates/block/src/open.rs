@@ -134,7 +134,9 @@ pub async fn open_backend(opts: &OpenOptions) -> Result<BlockBackend> {
     if let Some(d) = kv.take("detect-zeroes") {
         detect = crate::options::DetectZeroes::parse(&d)?;
     }
-    let format = opts.format.clone().or_else(|| kv.take("driver"));
+    // An explicit format (-f) wins over a driver named in the options.
+    let named = kv.take("driver");
+    let format = opts.format.clone().or(named);
     let snapshot = opts.snapshot;
     let mut base_flags = flags.clone();
     if snapshot {
@@ -203,7 +205,12 @@ pub async fn open_node(
             .unwrap_or_else(|| filename.to_string()),
     };
     if let Some(p) = fname.strip_prefix("file:") {
-        fname = p.to_string();
+        // A colon before the first slash would read as another protocol: QEMU keeps
+        // such a relative name unambiguous with a leading "./".
+        fname = match p.find([':', '/']) {
+            Some(i) if p.as_bytes()[i] == b':' => format!("./{p}"),
+            _ => p.to_string(),
+        };
     }
     if fname.is_empty() {
         return Err(Error::invalid(

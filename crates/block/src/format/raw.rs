@@ -92,7 +92,12 @@ impl BlockDriver for RawNode {
     }
 
     fn size(&self) -> u64 {
-        self.current_size()
+        // QEMU's block layer counts whole sectors: the tail of a file whose length is not
+        // a multiple of 512 is readable (as zeroes past the end) and writable.
+        match self.fixed_size {
+            Some(s) => s,
+            None => self.current_size().div_ceil(512) * 512,
+        }
     }
 
     fn read_only(&self) -> bool {
