@@ -13,7 +13,6 @@ use crate::backend::BlockBackend;
 use crate::error::{Error, Result};
 use crate::format::qcow2::{Qcow2, Qcow2Options};
 use crate::format::raw::RawNode;
-use crate::node::BlockDriver;
 use crate::node::NodeRef;
 use crate::options::{AioMode, CacheMode, OpenOptions};
 use crate::perm::PermRequest;
@@ -184,6 +183,15 @@ pub async fn open_node(
     if let Some(d) = kv.take("detect-zeroes") {
         crate::options::DetectZeroes::parse(&d)?;
     }
+    // Protocol-only opens (driver=nbd).
+    if format == Some("nbd") {
+        let fname = kv.take("filename").unwrap_or_else(|| filename.to_string());
+        return Ok(crate::protocol::nbd::open(
+            &fname,
+            &mut kv,
+            flags.read_only,
+        )?);
+    }
     // Protocol-only opens (driver=file).
     if let Some(proto @ ("file" | "host_device" | "host_cdrom")) = format {
         let fname = kv.take("filename").unwrap_or_else(|| filename.to_string());
@@ -198,6 +206,28 @@ pub async fn open_node(
         return Ok(file);
     }
     let mut file_kv = kv.take_child("file");
+    if let Some(inner) = file_kv
+        .get("driver")
+        .filter(|d| matches!(*d, "qcow2" | "raw"))
+        .map(str::to_string)
+    {
+        // A format node as the `file` child (QEMU takes any driver there).
+        file_kv.take("driver");
+        let inner_name = file_kv.take("filename").unwrap_or_default();
+        // Its own backing chain is separate from the one this node belongs to.
+        let mut inner_chain = Vec::new();
+        let child = Box::pin(open_node(
+            &inner_name,
+            Some(&inner),
+            file_kv,
+            flags,
+            &mut inner_chain,
+        ))
+        .await?;
+        let format = format.unwrap_or("raw").to_string();
+        let name = child.filename();
+        return format_over(child, &format, false, name, kv, flags, cache, chain).await;
+    }
     let mut fname = match kv.take("file") {
         Some(f) => f,
         None => file_kv
@@ -212,39 +242,45 @@ pub async fn open_node(
             _ => p.to_string(),
         };
     }
-    if fname.is_empty() {
+    let proto = file_kv.take("driver");
+    let nbd = proto.as_deref() == Some("nbd")
+        || (proto.is_none() && crate::protocol::nbd::is_nbd_filename(&fname));
+    if fname.is_empty() && !nbd {
         return Err(Error::invalid(
             "A block device must be specified for \"file\"",
         ));
     }
-    let proto = file_kv.take("driver");
     match proto.as_deref() {
-        None | Some("file") | Some("host_device") | Some("host_cdrom") => {}
+        None | Some("file") | Some("host_device") | Some("host_cdrom") | Some("nbd") => {}
         Some(other) => {
             return Err(Error::invalid(format!("Unknown protocol '{other}'")));
         }
     }
     // Open the file without locks first: probing needs to read, and the lock request
     // depends on the format.
-    let file = Arc::new(FileNode::open(&file_options(
-        &fname,
-        &mut file_kv,
-        flags,
-        cache,
-        proto.as_deref(),
-    )?)?);
-    reject_unknown("file", &file_kv, true)?;
+    let (file_ref, file): (NodeRef, Option<Arc<FileNode>>) = if nbd {
+        let node = crate::protocol::nbd::open(&fname, &mut file_kv, flags.read_only)?;
+        (node, None)
+    } else {
+        let f = Arc::new(FileNode::open(&file_options(
+            &fname,
+            &mut file_kv,
+            flags,
+            cache,
+            proto.as_deref(),
+        )?)?);
+        reject_unknown("file", &file_kv, true)?;
+        (f.clone(), Some(f))
+    };
     let (format, probed) = match format {
         Some(f) => (f.to_string(), false),
         None => {
             let mut head = vec![0u8; PROBE_BUF_SIZE];
-            let n = (file.size() as usize).min(PROBE_BUF_SIZE);
+            let n = (file_ref.size() as usize).min(PROBE_BUF_SIZE);
             if n > 0 {
-                crate::node::BlockDriver::read(&*file, 0, &mut head[..n])
-                    .await
-                    .map_err(|e| {
-                        e.context("Could not read image for determining its format".to_string())
-                    })?;
+                file_ref.read(0, &mut head[..n]).await.map_err(|e| {
+                    e.context("Could not read image for determining its format".to_string())
+                })?;
             }
             (probe_format(&head[..n], &fname).to_string(), true)
         }
@@ -254,11 +290,47 @@ pub async fn open_node(
         "raw" => PermRequest::user(writable),
         _ => PermRequest::metadata_format(writable, flags.force_share),
     };
-    if !flags.force_share {
+    if let Some(file) = file.as_ref().filter(|_| !flags.force_share) {
         file.set_perm(req)?;
     }
-    let file_ref: NodeRef = file.clone();
-    match format.as_str() {
+    format_over(file_ref, &format, probed, fname, kv, flags, cache, chain).await
+}
+
+fn unknown_driver(name: &str) -> Error {
+    match name {
+        "qcow" | "qed" | "vdi" | "vmdk" | "vpc" | "vhdx" | "luks" | "dmg" | "parallels"
+        | "bochs" | "cloop" => Error::unsupported(format!(
+            "Driver '{name}' is not supported by this build of rqemu"
+        )),
+        _ => Error::invalid(format!("Unknown driver '{name}'")),
+    }
+}
+
+fn reject_unknown(driver: &str, kv: &KeyVal, protocol: bool) -> Result<()> {
+    if let Some(k) = kv.keys().next() {
+        let what = if protocol { "protocol" } else { "format" };
+        return Err(Error::invalid(format!(
+            "Block {what} '{driver}' doesn't support the option '{k}'"
+        )));
+    }
+    Ok(())
+}
+
+/// Builds the format node `format` over `file_ref` (a protocol node, or another format
+/// node when the options nest one under `file`).
+#[allow(clippy::too_many_arguments)]
+async fn format_over(
+    file_ref: NodeRef,
+    format: &str,
+    probed: bool,
+    fname: String,
+    mut kv: KeyVal,
+    flags: &GraphFlags,
+    cache: CacheMode,
+    chain: &mut Vec<std::path::PathBuf>,
+) -> Result<NodeRef> {
+    let writable = !flags.read_only;
+    match format {
         "raw" => {
             if probed && writable && !flags.quiet_probe {
                 eprintln!(
@@ -355,26 +427,6 @@ pub async fn open_node(
         }
         other => Err(unknown_driver(other)),
     }
-}
-
-fn unknown_driver(name: &str) -> Error {
-    match name {
-        "qcow" | "qed" | "vdi" | "vmdk" | "vpc" | "vhdx" | "luks" | "dmg" | "parallels"
-        | "bochs" | "cloop" => Error::unsupported(format!(
-            "Driver '{name}' is not supported by this build of rqemu"
-        )),
-        _ => Error::invalid(format!("Unknown driver '{name}'")),
-    }
-}
-
-fn reject_unknown(driver: &str, kv: &KeyVal, protocol: bool) -> Result<()> {
-    if let Some(k) = kv.keys().next() {
-        let what = if protocol { "protocol" } else { "format" };
-        return Err(Error::invalid(format!(
-            "Block {what} '{driver}' doesn't support the option '{k}'"
-        )));
-    }
-    Ok(())
 }
 
 fn note_in_chain(chain: &mut Vec<std::path::PathBuf>, fname: &str) -> Result<()> {

@@ -165,7 +165,8 @@ pub fn split_escaped(s: &str) -> Vec<String> {
 /// Parses the part after `json:` of a filename into dotted options
 /// (`{"file": {"filename": "x"}}` becomes `file.filename=x`).
 pub fn parse_json_filename(json: &str) -> Result<KeyVal, KeyValError> {
-    let value: Value = serde_json::from_str(json).map_err(|_| KeyValError::BadJson)?;
+    let json = single_to_double_quotes(json);
+    let value: Value = serde_json::from_str(&json).map_err(|_| KeyValError::BadJson)?;
     let Value::Object(map) = value else {
         return Err(KeyValError::BadJson);
     };
@@ -174,6 +175,53 @@ pub fn parse_json_filename(json: &str) -> Result<KeyVal, KeyValError> {
         flatten_json(&mut kv, &k, &v);
     }
     Ok(kv)
+}
+
+/// QEMU's JSON parser also takes strings in single quotes: rewrites them as standard
+/// double-quoted strings (a `"` inside gets escaped, `\'` loses its backslash).
+fn single_to_double_quotes(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let mut chars = json.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                out.push('"');
+                while let Some(d) = chars.next() {
+                    out.push(d);
+                    match d {
+                        '\\' => {
+                            if let Some(e) = chars.next() {
+                                out.push(e);
+                            }
+                        }
+                        '"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            '\'' => {
+                out.push('"');
+                while let Some(d) = chars.next() {
+                    match d {
+                        '\\' => match chars.next() {
+                            Some('\'') => out.push('\''),
+                            Some(e) => {
+                                out.push('\\');
+                                out.push(e);
+                            }
+                            None => out.push('\\'),
+                        },
+                        '"' => out.push_str("\\\""),
+                        '\'' => break,
+                        _ => out.push(d),
+                    }
+                }
+                out.push('"');
+            }
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 fn flatten_json(kv: &mut KeyVal, prefix: &str, value: &Value) {
@@ -198,6 +246,14 @@ fn flatten_json(kv: &mut KeyVal, prefix: &str, value: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn single_quoted_json_strings() {
+        let kv =
+            parse_json_filename("{'driver': 'qcow2', 'file': {'filename': 'a\\'b\"c'}}").unwrap();
+        assert_eq!(kv.get("driver"), Some("qcow2"));
+        assert_eq!(kv.get("file.filename"), Some("a'b\"c"));
+    }
 
     #[test]
     fn implied_key_and_escapes() {

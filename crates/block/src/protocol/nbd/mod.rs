@@ -1,0 +1,350 @@
+//! The `nbd` protocol: a node over an export of an NBD server (qemu-nbd, nbdkit, ...).
+//!
+//! [`addr`] turns QEMU's NBD filenames and options into a server address and export,
+//! [`handshake`] negotiates structured replies, the block-status meta context and the
+//! export's size, flags and block sizes, [`transport`] runs requests (many in flight on
+//! one connection, replies dispatched by cookie from a reader thread), [`reply`] parses
+//! replies from the untrusted server with every length and offset checked, and
+//! [`status`] maps block status as QEMU's nbd driver does. The node answers like
+//! QEMU's: requests past the server's size read zeroes, flush/trim/write-zeroes
+//! follow the transmission flags, FUA is emulated with a flush when the server lacks
+//! it, and a connection that broke fails every request with EIO.
+
+pub mod addr;
+pub mod handshake;
+pub mod reply;
+pub mod status;
+pub mod transport;
+
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use rqemu_opts::KeyVal;
+
+use crate::error::{Error, Result};
+use crate::node::{BlockDriver, BlockStatus, Prealloc, WriteFlags};
+
+use addr::{NbdOptions, Stream};
+use handshake::ExportInfo;
+use reply::Body;
+use transport::Connection;
+
+pub use addr::is_nbd_filename;
+
+/// Largest request QEMU's client sends (`NBD_MAX_BUFFER_SIZE`).
+const MAX_BUFFER: u64 = 32 << 20;
+
+const CMD_FLAG_FUA: u16 = 1;
+const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
+
+/// A node over an NBD export.
+pub struct NbdNode {
+    conn: Connection,
+    opts: NbdOptions,
+    info: ExportInfo,
+    read_only: bool,
+    closed: AtomicBool,
+}
+
+/// Opens an NBD node from a filename (may be empty) and the driver's options, which
+/// are taken out of `kv`; any option left over is refused.
+pub fn open(filename: &str, kv: &mut KeyVal, read_only: bool) -> Result<Arc<NbdNode>> {
+    let opts = NbdOptions::take_from(filename, kv)?;
+    if let Some(k) = kv.keys().next() {
+        return Err(Error::invalid(format!(
+            "Block protocol 'nbd' doesn't support the option '{k}'"
+        )));
+    }
+    let mut stream = Stream::connect(&opts.server)?;
+    let context = opts.x_dirty_bitmap.as_deref().unwrap_or("base:allocation");
+    let info = handshake::negotiate(&mut stream, opts.export.as_deref().unwrap_or(""), context)?;
+    if opts.x_dirty_bitmap.is_some() && info.context_id.is_none() {
+        return Err(Error::other(
+            "Could not open image: Invalid argument",
+            libc::EINVAL,
+        ));
+    }
+    if !read_only && info.flags & handshake::FLAG_READ_ONLY != 0 {
+        return Err(Error::other(
+            "Could not open image: Permission denied",
+            libc::EACCES,
+        ));
+    }
+    let conn = Connection::new(stream, info.structured)?;
+    Ok(Arc::new(NbdNode {
+        conn,
+        opts,
+        info,
+        read_only,
+        closed: AtomicBool::new(false),
+    }))
+}
+
+fn protocol_error(msg: &str) -> Error {
+    Error::other(msg.to_string(), libc::EIO)
+}
+
+impl NbdNode {
+    fn max_transfer(&self) -> u64 {
+        match self.info.max_block {
+            0 => MAX_BUFFER,
+            m => MAX_BUFFER.min(u64::from(m)),
+        }
+    }
+
+    fn has(&self, flag: u16) -> bool {
+        self.info.flags & flag != 0
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::errno(libc::EPERM));
+        }
+        Ok(())
+    }
+
+    /// One READ request for `buf` at `offset` (inside the export).
+    async fn read_one(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let n = buf.len() as u64;
+        let mut covered = 0u64;
+        self.conn
+            .call(reply::CMD_READ, 0, offset, n as u32, None, |b| {
+                let (o, len) = match &b {
+                    Body::Data { offset: o, data } => (*o, data.len() as u64),
+                    Body::Hole { offset: o, len } => (*o, u64::from(*len)),
+                    Body::Ok => return Ok(()),
+                    _ => return Err(protocol_error("Unexpected reply to a read")),
+                };
+                let outside = || protocol_error("server sent data outside requested range");
+                let start = o.checked_sub(offset).ok_or_else(outside)?;
+                let end = start.checked_add(len).ok_or_else(outside)?;
+                let dst = buf
+                    .get_mut(start as usize..end as usize)
+                    .ok_or_else(outside)?;
+                match b {
+                    Body::Data { data, .. } => dst.copy_from_slice(&data),
+                    _ => dst.fill(0),
+                }
+                covered += len;
+                Ok(())
+            })
+            .await?;
+        if covered < n {
+            return Err(protocol_error("server sent less data than requested"));
+        }
+        Ok(())
+    }
+
+    async fn fua_flush(&self, flags: WriteFlags) -> Result<()> {
+        if flags.fua && !self.has(handshake::FLAG_SEND_FUA) {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    fn fua_flag(&self, flags: WriteFlags) -> u16 {
+        if flags.fua && self.has(handshake::FLAG_SEND_FUA) {
+            CMD_FLAG_FUA
+        } else {
+            0
+        }
+    }
+
+    /// The range `[offset, offset + len)` cut to the export's size.
+    fn in_export(&self, offset: u64, len: u64) -> u64 {
+        len.min(self.info.size.saturating_sub(offset))
+    }
+}
+
+#[async_trait]
+impl BlockDriver for NbdNode {
+    fn driver_name(&self) -> &'static str {
+        "nbd"
+    }
+
+    fn filename(&self) -> String {
+        self.opts.display_name()
+    }
+
+    fn size(&self) -> u64 {
+        self.info.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let avail = self.in_export(offset, buf.len() as u64) as usize;
+        buf[avail..].fill(0);
+        let max = self.max_transfer() as usize;
+        let mut done = 0;
+        while done < avail {
+            let n = (avail - done).min(max);
+            self.read_one(offset + done as u64, &mut buf[done..done + n])
+                .await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        self.check_writable()?;
+        let max = self.max_transfer() as usize;
+        let fl = self.fua_flag(flags);
+        for (i, chunk) in buf.chunks(max).enumerate() {
+            let off = offset + (i * max) as u64;
+            self.conn
+                .call(
+                    reply::CMD_WRITE,
+                    fl,
+                    off,
+                    chunk.len() as u32,
+                    Some(chunk),
+                    |b| match b {
+                        Body::Ok => Ok(()),
+                        _ => Err(protocol_error("Unexpected reply to a write")),
+                    },
+                )
+                .await?;
+        }
+        self.fua_flush(flags).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
+        self.check_writable()?;
+        let max = self.max_transfer();
+        if !self.has(handshake::FLAG_SEND_WRITE_ZEROES) {
+            if flags.no_fallback {
+                return Err(Error::errno(libc::ENOTSUP));
+            }
+            let zeroes = vec![0u8; len.min(1 << 20) as usize];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(zeroes.len() as u64) as usize;
+                self.write(offset + done, &zeroes[..n], WriteFlags::NONE)
+                    .await?;
+                done += n as u64;
+            }
+            return self.fua_flush(flags).await;
+        }
+        let mut fl = self.fua_flag(flags);
+        if !flags.may_unmap {
+            fl |= CMD_FLAG_NO_HOLE;
+        }
+        if flags.no_fallback {
+            if !self.has(FLAG_SEND_FAST_ZERO) {
+                return Err(Error::errno(libc::ENOTSUP));
+            }
+            fl |= CMD_FLAG_FAST_ZERO;
+        }
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(max);
+            self.conn
+                .call(
+                    reply::CMD_WRITE_ZEROES,
+                    fl,
+                    offset + done,
+                    n as u32,
+                    None,
+                    |b| match b {
+                        Body::Ok => Ok(()),
+                        _ => Err(protocol_error("Unexpected reply to write zeroes")),
+                    },
+                )
+                .await?;
+            done += n;
+        }
+        self.fua_flush(flags).await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        if !self.has(handshake::FLAG_SEND_TRIM) {
+            return Ok(());
+        }
+        let max = 1u64 << 30;
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(max);
+            self.conn
+                .call(
+                    reply::CMD_TRIM,
+                    0,
+                    offset + done,
+                    n as u32,
+                    None,
+                    |b| match b {
+                        Body::Ok => Ok(()),
+                        _ => Err(protocol_error("Unexpected reply to trim")),
+                    },
+                )
+                .await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        if self.read_only || !self.has(handshake::FLAG_SEND_FLUSH) {
+            return Ok(());
+        }
+        self.conn
+            .call(reply::CMD_FLUSH, 0, 0, 0, None, |b| match b {
+                Body::Ok => Ok(()),
+                _ => Err(protocol_error("Unexpected reply to flush")),
+            })
+            .await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let Some(context) = self.info.context_id else {
+            return Ok(status::all_data(offset, len));
+        };
+        if offset >= self.info.size {
+            return Ok(status::past_end(len));
+        }
+        let n = self.in_export(offset, len).min(i32::MAX as u64 & !511);
+        let mut c = status::Collector::default();
+        self.conn
+            .call(
+                reply::CMD_BLOCK_STATUS,
+                CMD_FLAG_REQ_ONE,
+                offset,
+                n as u32,
+                None,
+                |b| c.take(b, context),
+            )
+            .await?;
+        c.finish(offset, n)
+    }
+
+    async fn truncate(&self, size: u64, exact: bool, _prealloc: Prealloc) -> Result<()> {
+        if size != self.info.size && exact {
+            return Err(Error::unsupported("Cannot resize NBD nodes"));
+        }
+        if size > self.info.size {
+            return Err(Error::invalid("Cannot grow NBD nodes"));
+        }
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let r = self.flush().await;
+        self.conn.close();
+        r
+    }
+}
