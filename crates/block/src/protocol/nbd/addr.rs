@@ -40,6 +40,8 @@ pub struct NbdOptions {
     pub export: Option<String>,
     /// A meta context to report as block status instead of `base:allocation`.
     pub x_dirty_bitmap: Option<String>,
+    /// Seconds to keep trying to connect (`open-timeout`; 0: one attempt).
+    pub open_timeout: u64,
 }
 
 impl NbdOptions {
@@ -75,13 +77,15 @@ impl NbdOptions {
             return Err(Error::invalid(format!("No TLS credentials with id '{id}'")));
         }
         kv.take("tls-hostname");
-        for k in ["reconnect-delay", "open-timeout"] {
+        let mut numbers = [0u64; 2];
+        for (i, k) in ["reconnect-delay", "open-timeout"].into_iter().enumerate() {
             if let Some(v) = kv.take(k) {
-                if v.parse::<u64>().is_err() {
-                    return Err(Error::invalid(format!("Parameter '{k}' expects a number")));
-                }
+                numbers[i] = v
+                    .parse::<u64>()
+                    .map_err(|_| Error::invalid(format!("Parameter '{k}' expects a number")))?;
             }
         }
+        let open_timeout = numbers[1];
         if path.is_some() || host.is_some() || port.is_some() {
             if kv.keys().any(|k| k.starts_with("server.")) {
                 return Err(Error::invalid(
@@ -160,6 +164,7 @@ impl NbdOptions {
             server: addr,
             export,
             x_dirty_bitmap,
+            open_timeout,
         })
     }
 }
@@ -377,6 +382,24 @@ impl Stream {
                     ),
                     last,
                 ))
+            }
+        }
+    }
+
+    /// Connects to `addr`, retrying failed attempts for `timeout` seconds.
+    pub fn connect_retrying(addr: &ServerAddr, timeout: u64) -> Result<Stream> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+        loop {
+            match Stream::connect(addr) {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    let now = std::time::Instant::now();
+                    if now >= deadline {
+                        return Err(e);
+                    }
+                    let step = std::time::Duration::from_millis(100);
+                    std::thread::sleep(step.min(deadline - now));
+                }
             }
         }
     }

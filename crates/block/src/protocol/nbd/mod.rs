@@ -60,7 +60,7 @@ pub fn open(filename: &str, kv: &mut KeyVal, read_only: bool) -> Result<Arc<NbdN
             "Block protocol 'nbd' doesn't support the option '{k}'"
         )));
     }
-    let mut stream = Stream::connect(&opts.server)?;
+    let mut stream = Stream::connect_retrying(&opts.server, opts.open_timeout)?;
     let context = opts.x_dirty_bitmap.as_deref().unwrap_or("base:allocation");
     let info = handshake::negotiate(&mut stream, opts.export.as_deref().unwrap_or(""), context)?;
     if opts.x_dirty_bitmap.is_some() && info.context_id.is_none() {

@@ -409,10 +409,48 @@ mod tests {
             Err(ReplyError::Protocol(_))
         ));
         // Truncated stream.
-        assert!(matches!(
-            parse(&chunk(1, REPLY_TYPE_OFFSET_DATA, 7, &p)[..30]),
-            Err(_)
-        ));
+        assert!(parse(&chunk(1, REPLY_TYPE_OFFSET_DATA, 7, &p)[..30]).is_err());
+    }
+
+    #[test]
+    fn random_streams_never_panic() {
+        // A small xorshift generator: mutations of valid chunks and plain noise.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut p = 4096u64.to_be_bytes().to_vec();
+        p.extend([0xaa; 64]);
+        let seeds = [
+            chunk(1, REPLY_TYPE_OFFSET_DATA, 7, &p),
+            chunk(
+                0,
+                REPLY_TYPE_OFFSET_HOLE,
+                7,
+                &[0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 1, 0],
+            ),
+            chunk(1, REPLY_TYPE_ERROR, 7, &[0, 0, 0, 5, 0, 1, b'x']),
+            chunk(1, REPLY_TYPE_BLOCK_STATUS, 7, &[0; 20]),
+        ];
+        for i in 0..20000 {
+            let mut v = seeds[i % seeds.len()].clone();
+            for _ in 0..(next() % 4 + 1) {
+                let at = (next() as usize) % v.len();
+                v[at] = next() as u8;
+            }
+            let mut r = &v[..];
+            while read_reply(&mut r, i % 2 == 0, |c| {
+                (c == 7).then_some(RequestInfo {
+                    cmd: [CMD_READ, CMD_BLOCK_STATUS][(c as usize + i) % 2],
+                    ..READ
+                })
+            })
+            .is_ok()
+            {}
+        }
     }
 
     #[test]
