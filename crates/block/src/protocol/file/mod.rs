@@ -255,21 +255,11 @@ impl FileNode {
         Ok(())
     }
 
-    /// Writes at an offset the caller has made suitable for the file's alignment (large
-    /// buffered requests split in two, as for reads).
+    /// Writes at an offset the caller has made suitable for the file's alignment. (Not
+    /// split like reads: buffered writes to one file serialise on its inode lock.)
     async fn pwrite_full(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        if !self.direct && buf.len() >= SPLIT_BYTES {
-            let half = (buf.len() / 2).next_multiple_of(SPLIT_ALIGN);
-            let (a, b) = buf.split_at(half);
-            let (ra, rb) = futures::join!(
-                self.pwrite_part(offset, a, false),
-                self.pwrite_part(offset + half as u64, b, false)
-            );
-            ra.and(rb)?;
-        } else {
-            let inline = !self.direct && self.nowait_writes.load(Ordering::Relaxed);
-            self.pwrite_part(offset, buf, inline).await?;
-        }
+        let inline = !self.direct && self.nowait_writes.load(Ordering::Relaxed);
+        self.pwrite_part(offset, buf, inline).await?;
         self.note_end(offset + buf.len() as u64);
         Ok(())
     }
@@ -353,7 +343,7 @@ impl FileNode {
     }
 }
 
-/// Buffered requests at least this large are split across two engine workers.
+/// Buffered reads at least this large are split across two engine workers.
 const SPLIT_BYTES: usize = 1 << 20;
 /// Where split requests are cut (page-aligned, and cluster-aligned for common sizes).
 const SPLIT_ALIGN: usize = 64 << 10;
