@@ -308,23 +308,7 @@ pub struct CreateOptions {
 /// A number option as QemuOpts reads it: C's `strtoull` over the whole value (decimal,
 /// `0x` hex or leading-zero octal; a minus sign wraps around).
 pub fn parse_number(value: &str) -> Option<u64> {
-    let t = value.trim_start();
-    let (neg, t) = match t.strip_prefix('-') {
-        Some(r) => (true, r),
-        None => (false, t.strip_prefix('+').unwrap_or(t)),
-    };
-    let (radix, digits) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        (16, h)
-    } else if t.len() > 1 && t.starts_with('0') {
-        (8, &t[1..])
-    } else {
-        (10, t)
-    };
-    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-        return None;
-    }
-    let v = u64::from_str_radix(digits, radix).ok()?;
-    Some(if neg { v.wrapping_neg() } else { v })
+    rqemu_opts::parse_c_u64(value).ok()
 }
 
 /// The message QEMU gives for a size it cannot parse, with its hint.

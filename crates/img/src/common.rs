@@ -154,7 +154,7 @@ pub fn cvtnum_full(
     let parsed = if is_size {
         parse_size_signed(value)
     } else {
-        parse_c_u64(value)
+        rqemu_opts::parse_c_u64(value)
     };
     match parsed {
         Err(rqemu_opts::SizeError::Invalid) => {
@@ -180,29 +180,6 @@ fn parse_size_signed(value: &str) -> Result<u64, rqemu_opts::SizeError> {
         }
     }
     rqemu_opts::parse_size(value, 1)
-}
-
-/// `qemu_strtou64(value, NULL, 0, ...)`: C's `strtoull` with base detection, the whole
-/// string consumed; a negative number wraps (and so is out of range for callers).
-fn parse_c_u64(value: &str) -> Result<u64, rqemu_opts::SizeError> {
-    use rqemu_opts::SizeError;
-    let t = value.trim_start();
-    let (neg, t) = match t.strip_prefix('-') {
-        Some(r) => (true, r),
-        None => (false, t.strip_prefix('+').unwrap_or(t)),
-    };
-    let (radix, digits) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-        (16, h)
-    } else if t.len() > 1 && t.starts_with('0') {
-        (8, &t[1..])
-    } else {
-        (10, t)
-    };
-    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-        return Err(SizeError::Invalid);
-    }
-    let v = u64::from_str_radix(digits, radix).map_err(|_| SizeError::Range)?;
-    Ok(if neg { v.wrapping_neg() } else { v })
 }
 
 /// Why an `--object` definition was not accepted.

@@ -10,7 +10,7 @@ pub mod keyval;
 pub mod size;
 
 pub use keyval::{parse_json_filename, KeyVal, KeyValError};
-pub use size::{parse_size, SizeError};
+pub use size::{parse_c_u64, parse_size, SizeError};
 
 /// Parses a QEMU boolean: `on`, `yes`, `true` or `off`, `no`, `false`.
 pub fn bool_opt(value: &str) -> Option<bool> {
