@@ -42,6 +42,8 @@ pub struct NbdOptions {
     pub x_dirty_bitmap: Option<String>,
     /// Seconds to keep trying to connect (`open-timeout`; 0: one attempt).
     pub open_timeout: u64,
+    /// Seconds requests wait for a lost connection to come back (`reconnect-delay`).
+    pub reconnect_delay: u64,
 }
 
 impl NbdOptions {
@@ -85,7 +87,7 @@ impl NbdOptions {
                     .map_err(|_| Error::invalid(format!("Parameter '{k}' expects a number")))?;
             }
         }
-        let open_timeout = numbers[1];
+        let [reconnect_delay, open_timeout] = numbers;
         if path.is_some() || host.is_some() || port.is_some() {
             if kv.keys().any(|k| k.starts_with("server.")) {
                 return Err(Error::invalid(
@@ -165,6 +167,7 @@ impl NbdOptions {
             export,
             x_dirty_bitmap,
             open_timeout,
+            reconnect_delay,
         })
     }
 }

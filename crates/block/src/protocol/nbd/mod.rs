@@ -18,7 +18,8 @@ pub mod transport;
 
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rqemu_opts::KeyVal;
@@ -44,23 +45,18 @@ const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 /// A node over an NBD export.
 pub struct NbdNode {
-    conn: Connection,
+    conn: Mutex<Arc<Connection>>,
+    /// Held while a lost connection is being replaced.
+    reconnecting: tokio::sync::Mutex<()>,
     opts: NbdOptions,
     info: ExportInfo,
     read_only: bool,
     closed: AtomicBool,
 }
 
-/// Opens an NBD node from a filename (may be empty) and the driver's options, which
-/// are taken out of `kv`; any option left over is refused.
-pub fn open(filename: &str, kv: &mut KeyVal, read_only: bool) -> Result<Arc<NbdNode>> {
-    let opts = NbdOptions::take_from(filename, kv)?;
-    if let Some(k) = kv.keys().next() {
-        return Err(Error::invalid(format!(
-            "Block protocol 'nbd' doesn't support the option '{k}'"
-        )));
-    }
-    let mut stream = Stream::connect_retrying(&opts.server, opts.open_timeout)?;
+/// Connects and negotiates, with QEMU's checks of what the server offers.
+fn connect(opts: &NbdOptions, read_only: bool, timeout: u64) -> Result<(Connection, ExportInfo)> {
+    let mut stream = Stream::connect_retrying(&opts.server, timeout)?;
     let context = opts.x_dirty_bitmap.as_deref().unwrap_or("base:allocation");
     let info = handshake::negotiate(&mut stream, opts.export.as_deref().unwrap_or(""), context)?;
     if opts.x_dirty_bitmap.is_some() && info.context_id.is_none() {
@@ -76,8 +72,22 @@ pub fn open(filename: &str, kv: &mut KeyVal, read_only: bool) -> Result<Arc<NbdN
         ));
     }
     let conn = Connection::new(stream, info.structured)?;
+    Ok((conn, info))
+}
+
+/// Opens an NBD node from a filename (may be empty) and the driver's options, which
+/// are taken out of `kv`; any option left over is refused.
+pub fn open(filename: &str, kv: &mut KeyVal, read_only: bool) -> Result<Arc<NbdNode>> {
+    let opts = NbdOptions::take_from(filename, kv)?;
+    if let Some(k) = kv.keys().next() {
+        return Err(Error::invalid(format!(
+            "Block protocol 'nbd' doesn't support the option '{k}'"
+        )));
+    }
+    let (conn, info) = connect(&opts, read_only, opts.open_timeout)?;
     Ok(Arc::new(NbdNode {
-        conn,
+        conn: Mutex::new(Arc::new(conn)),
+        reconnecting: tokio::sync::Mutex::new(()),
         opts,
         info,
         read_only,
@@ -90,6 +100,98 @@ fn protocol_error(msg: &str) -> Error {
 }
 
 impl NbdNode {
+    fn current(&self) -> Arc<Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// After a request failed on `failed`: whether a new connection is in place to
+    /// retry it on. With `reconnect-delay`, requests wait that long for the server to
+    /// come back, as QEMU's do; the same export must be there again.
+    async fn reconnected(&self, failed: &Arc<Connection>) -> bool {
+        if self.opts.reconnect_delay == 0 || !failed.is_dead() || self.closed.load(Ordering::SeqCst)
+        {
+            return false;
+        }
+        let _g = self.reconnecting.lock().await;
+        if !Arc::ptr_eq(&self.current(), failed) {
+            return true;
+        }
+        let deadline = Instant::now() + Duration::from_secs(self.opts.reconnect_delay);
+        loop {
+            if let Ok((conn, info)) = connect(&self.opts, self.read_only, 0) {
+                if info.size != self.info.size || info.flags != self.info.flags {
+                    conn.close();
+                    return false;
+                }
+                let old = std::mem::replace(
+                    &mut *self.conn.lock().unwrap_or_else(|p| p.into_inner()),
+                    Arc::new(conn),
+                );
+                old.close();
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100).min(deadline - now));
+        }
+    }
+
+    /// Runs one request to completion, again on a new connection when the old one was
+    /// lost and comes back. `init` makes the per-attempt state `step` gathers chunks in.
+    #[allow(clippy::too_many_arguments)]
+    async fn call<S: Send>(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: Option<&[u8]>,
+        init: impl Fn() -> S + Send + Sync,
+        mut step: impl FnMut(&mut S, Body) -> Result<()> + Send,
+    ) -> Result<S> {
+        loop {
+            let conn = self.current();
+            let mut st = init();
+            match conn
+                .call(cmd, flags, offset, len, data, |b| step(&mut st, b))
+                .await
+            {
+                Ok(()) => return Ok(st),
+                Err(e) => {
+                    if !self.reconnected(&conn).await {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A request whose reply carries nothing but success or an error.
+    async fn simple(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: Option<&[u8]>,
+    ) -> Result<()> {
+        self.call(
+            cmd,
+            flags,
+            offset,
+            len,
+            data,
+            || (),
+            |_, b| match b {
+                Body::Ok => Ok(()),
+                _ => Err(protocol_error("Unexpected reply chunk")),
+            },
+        )
+        .await
+    }
+
     fn max_transfer(&self) -> u64 {
         match self.info.max_block {
             0 => MAX_BUFFER,
@@ -111,28 +213,35 @@ impl NbdNode {
     /// One READ request for `buf` at `offset` (inside the export).
     async fn read_one(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let n = buf.len() as u64;
-        let mut covered = 0u64;
-        self.conn
-            .call(reply::CMD_READ, 0, offset, n as u32, None, |b| {
-                let (o, len) = match &b {
-                    Body::Data { offset: o, data } => (*o, data.len() as u64),
-                    Body::Hole { offset: o, len } => (*o, u64::from(*len)),
-                    Body::Ok => return Ok(()),
-                    _ => return Err(protocol_error("Unexpected reply to a read")),
-                };
-                let outside = || protocol_error("server sent data outside requested range");
-                let start = o.checked_sub(offset).ok_or_else(outside)?;
-                let end = start.checked_add(len).ok_or_else(outside)?;
-                let dst = buf
-                    .get_mut(start as usize..end as usize)
-                    .ok_or_else(outside)?;
-                match b {
-                    Body::Data { data, .. } => dst.copy_from_slice(&data),
-                    _ => dst.fill(0),
-                }
-                covered += len;
-                Ok(())
-            })
+        let covered = self
+            .call(
+                reply::CMD_READ,
+                0,
+                offset,
+                n as u32,
+                None,
+                || 0u64,
+                |covered, b| {
+                    let (o, len) = match &b {
+                        Body::Data { offset: o, data } => (*o, data.len() as u64),
+                        Body::Hole { offset: o, len } => (*o, u64::from(*len)),
+                        Body::Ok => return Ok(()),
+                        _ => return Err(protocol_error("Unexpected reply to a read")),
+                    };
+                    let outside = || protocol_error("server sent data outside requested range");
+                    let start = o.checked_sub(offset).ok_or_else(outside)?;
+                    let end = start.checked_add(len).ok_or_else(outside)?;
+                    let dst = buf
+                        .get_mut(start as usize..end as usize)
+                        .ok_or_else(outside)?;
+                    match b {
+                        Body::Data { data, .. } => dst.copy_from_slice(&data),
+                        _ => dst.fill(0),
+                    }
+                    *covered += len;
+                    Ok(())
+                },
+            )
             .await?;
         if covered < n {
             return Err(protocol_error("server sent less data than requested"));
@@ -203,18 +312,7 @@ impl BlockDriver for NbdNode {
         let fl = self.fua_flag(flags);
         for (i, chunk) in buf.chunks(max).enumerate() {
             let off = offset + (i * max) as u64;
-            self.conn
-                .call(
-                    reply::CMD_WRITE,
-                    fl,
-                    off,
-                    chunk.len() as u32,
-                    Some(chunk),
-                    |b| match b {
-                        Body::Ok => Ok(()),
-                        _ => Err(protocol_error("Unexpected reply to a write")),
-                    },
-                )
+            self.simple(reply::CMD_WRITE, fl, off, chunk.len() as u32, Some(chunk))
                 .await?;
         }
         self.fua_flush(flags).await
@@ -250,18 +348,7 @@ impl BlockDriver for NbdNode {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(max);
-            self.conn
-                .call(
-                    reply::CMD_WRITE_ZEROES,
-                    fl,
-                    offset + done,
-                    n as u32,
-                    None,
-                    |b| match b {
-                        Body::Ok => Ok(()),
-                        _ => Err(protocol_error("Unexpected reply to write zeroes")),
-                    },
-                )
+            self.simple(reply::CMD_WRITE_ZEROES, fl, offset + done, n as u32, None)
                 .await?;
             done += n;
         }
@@ -277,18 +364,7 @@ impl BlockDriver for NbdNode {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(max);
-            self.conn
-                .call(
-                    reply::CMD_TRIM,
-                    0,
-                    offset + done,
-                    n as u32,
-                    None,
-                    |b| match b {
-                        Body::Ok => Ok(()),
-                        _ => Err(protocol_error("Unexpected reply to trim")),
-                    },
-                )
+            self.simple(reply::CMD_TRIM, 0, offset + done, n as u32, None)
                 .await?;
             done += n;
         }
@@ -299,12 +375,7 @@ impl BlockDriver for NbdNode {
         if self.read_only || !self.has(handshake::FLAG_SEND_FLUSH) {
             return Ok(());
         }
-        self.conn
-            .call(reply::CMD_FLUSH, 0, 0, 0, None, |b| match b {
-                Body::Ok => Ok(()),
-                _ => Err(protocol_error("Unexpected reply to flush")),
-            })
-            .await
+        self.simple(reply::CMD_FLUSH, 0, 0, 0, None).await
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
@@ -315,15 +386,15 @@ impl BlockDriver for NbdNode {
             return Ok(status::past_end(len));
         }
         let n = self.in_export(offset, len).min(i32::MAX as u64 & !511);
-        let mut c = status::Collector::default();
-        self.conn
+        let c = self
             .call(
                 reply::CMD_BLOCK_STATUS,
                 CMD_FLAG_REQ_ONE,
                 offset,
                 n as u32,
                 None,
-                |b| c.take(b, context),
+                status::Collector::default,
+                |c, b| c.take(b, context),
             )
             .await?;
         c.finish(offset, n)
@@ -343,8 +414,9 @@ impl BlockDriver for NbdNode {
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        let r = self.flush().await;
-        self.conn.close();
-        r
+        // As QEMU closes nodes: a failing flush (a server gone away) is not reported.
+        let _ = self.flush().await;
+        self.current().close();
+        Ok(())
     }
 }

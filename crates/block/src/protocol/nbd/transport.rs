@@ -170,11 +170,21 @@ impl Connection {
             s.pending.insert(cookie, Pending { req, tx });
         }
         if let Err(e) = self.send(&Self::header(cmd, flags, cookie, offset, len), data) {
-            lock(&self.state).pending.remove(&cookie);
-            return Err(failed(&format!(
+            let msg = format!(
                 "Failed to send request: {}",
                 crate::error::strerror(e.raw_os_error().unwrap_or(libc::EIO))
-            )));
+            );
+            {
+                let mut s = lock(&self.state);
+                s.pending.remove(&cookie);
+                s.dead.get_or_insert_with(|| msg.clone());
+            }
+            // A request may have gone out in part: nothing more can follow it.
+            self.writer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .shutdown();
+            return Err(failed(&msg));
         }
         let mut err: Option<Error> = None;
         loop {
@@ -205,12 +215,24 @@ impl Connection {
         err.map_or(Ok(()), Err)
     }
 
+    /// Whether the connection failed (every request on it fails).
+    pub fn is_dead(&self) -> bool {
+        lock(&self.state).dead.is_some()
+    }
+
     /// Sends `NBD_CMD_DISC` (unless the connection already failed), shuts the socket
     /// down and waits for the reader.
     pub fn close(&self) {
         let dead = lock(&self.state).dead.is_some();
-        if !dead {
-            let _ = self.send(&Self::header(CMD_DISC, 0, 0, 0, 0), None);
+        if !dead && self.send(&Self::header(CMD_DISC, 0, 0, 0, 0), None).is_ok() {
+            // Give the server a moment to hang up first, so that it is done with the
+            // export when the client is.
+            let t = std::time::Instant::now();
+            while lock(&self.state).dead.is_none()
+                && t.elapsed() < std::time::Duration::from_secs(1)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
         }
         self.writer
             .lock()
