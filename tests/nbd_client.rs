@@ -269,7 +269,7 @@ fn open_errors_match_qemu() {
 
 /// A server that greets, negotiates like a real one, and then answers the first request
 /// with `reply`.
-fn hostile_server(sock: &Path, reply: Vec<u8>) -> std::thread::JoinHandle<()> {
+fn hostile_server(sock: &Path, reply: Vec<Vec<u8>>) -> std::thread::JoinHandle<()> {
     let l = UnixListener::bind(sock).expect("bind");
     std::thread::spawn(move || {
         let Ok((mut c, _)) = l.accept() else { return };
@@ -323,12 +323,13 @@ fn hostile_server(sock: &Path, reply: Vec<u8>) -> std::thread::JoinHandle<()> {
         if c.read_exact(&mut req).is_err() {
             return;
         }
-        let mut r = reply;
-        // The request's cookie goes where the reply has zeroes for it.
-        if r.len() >= 16 && r[8..16] == [0; 8] {
-            r[8..16].copy_from_slice(&req[8..16]);
+        for mut r in reply {
+            // The request's cookie goes where a chunk has zeroes for it.
+            if r.len() >= 16 && r[8..16] == [0; 8] {
+                r[8..16].copy_from_slice(&req[8..16]);
+            }
+            let _ = c.write_all(&r);
         }
-        let _ = c.write_all(&r);
         let _ = c.shutdown(std::net::Shutdown::Write);
         let mut sink = Vec::new();
         let _ = c.read_to_end(&mut sink);
@@ -353,17 +354,25 @@ fn hostile_replies_are_clean_errors() {
     data_outside.extend([0u8; 512]);
     let mut hole_long = 0u64.to_be_bytes().to_vec();
     hole_long.extend(u32::MAX.to_be_bytes());
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("data outside", chunk(1, 1, &data_outside, None)),
-        ("huge length", chunk(1, 1, &[0; 8], Some(u32::MAX))),
-        ("long hole", chunk(1, 2, &hole_long, None)),
-        ("bad magic", vec![0xff; 32]),
-        ("unknown type", chunk(1, 77, &[], None)),
+    let mut data = 0u64.to_be_bytes().to_vec();
+    data.extend([0u8; 512]);
+    let error = chunk(0, (1 << 15) + 1, &[0, 0, 0, 5, 0, 0], None);
+    let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
+        ("data outside", vec![chunk(1, 1, &data_outside, None)]),
+        ("huge length", vec![chunk(1, 1, &[0; 8], Some(u32::MAX))]),
+        ("long hole", vec![chunk(1, 2, &hole_long, None)]),
+        ("bad magic", vec![vec![0xff; 32]]),
+        ("unknown type", vec![chunk(1, 77, &[], None)]),
         (
             "error no message",
-            chunk(1, (1 << 15) + 1, &[0, 0, 0, 5, 0xff, 0xff], None),
+            vec![chunk(1, (1 << 15) + 1, &[0, 0, 0, 5, 0xff, 0xff], None)],
         ),
-        ("truncated", chunk(1, 1, &[0; 8], Some(520))),
+        ("truncated", vec![chunk(1, 1, &[0; 8], Some(520))]),
+        (
+            "data twice",
+            vec![chunk(0, 1, &data, None), chunk(1, 1, &data, None)],
+        ),
+        ("endless errors", vec![error; 100]),
     ];
     for (what, reply) in cases {
         let sock = d.join(format!("{}.sock", what.replace(' ', "-")));

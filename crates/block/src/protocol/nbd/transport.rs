@@ -17,7 +17,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use crate::error::{Error, Result};
 
 use super::addr::Stream;
-use super::reply::{read_reply, Body, Reply, RequestInfo, CMD_DISC};
+use super::reply::{read_reply, Body, Reply, ReplyError, RequestInfo, CMD_DISC};
 
 const REQUEST_MAGIC: u32 = 0x2560_9513;
 
@@ -32,6 +32,40 @@ enum Event {
 struct Pending {
     req: RequestInfo,
     tx: UnboundedSender<Event>,
+    /// Bytes of data and holes received for it.
+    received: u64,
+    /// Other chunks received for it.
+    chunks: u32,
+}
+
+/// Chunks other than data and holes one request may receive.
+const MAX_OTHER_CHUNKS: u32 = 64;
+
+impl Pending {
+    /// Counts a chunk: a server that sends more than the request asked for (overlapping
+    /// data, endless error chunks) breaks the protocol, and is not buffered for.
+    fn account(&mut self, body: &Body) -> Result<(), ReplyError> {
+        let n = match body {
+            Body::Data { data, .. } => data.len() as u64,
+            Body::Hole { len, .. } => u64::from(*len),
+            _ => {
+                self.chunks += 1;
+                if self.chunks > MAX_OTHER_CHUNKS {
+                    return Err(ReplyError::Protocol(
+                        "Protocol error: too many reply chunks".into(),
+                    ));
+                }
+                return Ok(());
+            }
+        };
+        self.received += n;
+        if self.received > u64::from(self.req.len) {
+            return Err(ReplyError::Protocol(
+                "Protocol error: server sent more data than requested".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Default)]
@@ -86,6 +120,10 @@ impl Connection {
                     lock(&st).pending.get(&c).map(|p| p.req)
                 });
                 let mut s = lock(&st);
+                let r = r.and_then(|reply| match s.pending.get_mut(&reply.cookie) {
+                    Some(p) => p.account(&reply.body).map(|()| reply),
+                    None => Ok(reply),
+                });
                 match r {
                     Ok(reply) => {
                         let cookie = reply.cookie;
@@ -167,7 +205,15 @@ impl Connection {
                 return Err(failed(m));
             }
             let req = RequestInfo { cmd, offset, len };
-            s.pending.insert(cookie, Pending { req, tx });
+            s.pending.insert(
+                cookie,
+                Pending {
+                    req,
+                    tx,
+                    received: 0,
+                    chunks: 0,
+                },
+            );
         }
         if let Err(e) = self.send(&Self::header(cmd, flags, cookie, offset, len), data) {
             let msg = format!(
