@@ -18,7 +18,6 @@ pub mod worker;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use rqemu_block::buffer::AlignedBuf;
 use rqemu_block::BlockBackend;
 use tokio::task::JoinHandle;
 use vm_memory::GuestMemoryMmap;
@@ -55,12 +54,7 @@ pub struct Disk {
     pub throttle: Option<throttle::Throttler>,
     /// `werror=ignore`/`rerror=ignore`: errors complete with success.
     pub ignore_errors: bool,
-    /// Aligned buffers for requests whose guest buffers are scattered.
-    bounce: std::sync::Mutex<Vec<AlignedBuf>>,
 }
-
-/// Bounce buffers kept for reuse.
-const BOUNCE_POOL: usize = 8;
 
 impl Disk {
     /// A disk for `backend`.
@@ -87,24 +81,6 @@ impl Disk {
                 .is_enabled()
                 .then(|| throttle::Throttler::new(throttle)),
             ignore_errors,
-            bounce: std::sync::Mutex::new(Vec::new()),
-        }
-    }
-
-    /// A buffer of at least `len` bytes, aligned for O_DIRECT.
-    pub fn take_bounce(&self, len: usize) -> AlignedBuf {
-        let mut pool = crate::devices::bus::lock(&self.bounce);
-        match pool.iter().position(|b| b.len() >= len) {
-            Some(i) => pool.swap_remove(i),
-            None => AlignedBuf::io(len.next_power_of_two().max(1 << 16)),
-        }
-    }
-
-    /// Returns a buffer to the pool.
-    pub fn give_bounce(&self, buf: AlignedBuf) {
-        let mut pool = crate::devices::bus::lock(&self.bounce);
-        if pool.len() < BOUNCE_POOL {
-            pool.push(buf);
         }
     }
 }

@@ -43,11 +43,10 @@ fn host_slice<'a>(mem: &'a GuestMemoryMmap, seg: &Segment) -> Option<&'a mut [u8
     Some(unsafe { std::slice::from_raw_parts_mut(ptr, seg.len as usize) })
 }
 
-/// Largest request copied through a bounce buffer (larger ones go segment by segment).
-const BOUNCE_MAX: u64 = 4 << 20;
-
 /// The request's buffers as host slices, with segments that are adjacent in host memory
-/// merged: one slice for a buffer that is contiguous in the guest.
+/// merged: one slice for a buffer that is contiguous in the guest. The runs of one
+/// request are disjoint parts of the disk and go to the backend concurrently, each
+/// straight into or out of guest memory.
 #[allow(clippy::mut_from_ref)] // guest memory is shared, mutable memory by nature
 fn host_runs<'a>(mem: &'a GuestMemoryMmap, segs: &[Segment]) -> Option<Vec<&'a mut [u8]>> {
     let mut runs: Vec<&'a mut [u8]> = Vec::new();
@@ -84,61 +83,28 @@ pub async fn run(disk: &Disk, req: &Request, mem: &GuestMemoryMmap) -> u8 {
     }
     let result: Result<(), ()> = async {
         match req.kind {
-            Kind::Read { offset } => match host_runs(mem, &req.data) {
-                Some(runs) if runs.len() == 1 || req.data_len > BOUNCE_MAX => {
-                    let mut off = offset;
-                    for buf in runs {
-                        let len = buf.len() as u64;
-                        disk.backend.read(off, buf).await.map_err(|_| ())?;
-                        off += len;
-                    }
-                }
-                Some(_) => {
-                    let mut bounce = disk.take_bounce(req.data_len as usize);
-                    let buf = &mut bounce[..req.data_len as usize];
-                    let r = disk.backend.read(offset, buf).await;
-                    let mut at = 0usize;
-                    for seg in &req.data {
-                        let n = seg.len as usize;
-                        let _ = mem.write_slice(&buf[at..at + n], seg.addr);
-                        at += n;
-                    }
-                    disk.give_bounce(bounce);
-                    r.map_err(|_| ())?;
-                }
-                None => return Err(()),
-            },
+            Kind::Read { offset } => {
+                let runs = host_runs(mem, &req.data).ok_or(())?;
+                let mut off = offset;
+                let reads = runs.into_iter().map(|buf| {
+                    let at = off;
+                    off += buf.len() as u64;
+                    disk.backend.read(at, buf)
+                });
+                futures::future::try_join_all(reads).await.map_err(|_| ())?;
+            }
             Kind::Write { offset } => {
                 let fua = !disk.wce.load(Ordering::Relaxed);
-                match host_runs(mem, &req.data) {
-                    Some(runs) if runs.len() == 1 || req.data_len > BOUNCE_MAX => {
-                        let mut off = offset;
-                        for buf in runs {
-                            let len = buf.len() as u64;
-                            disk.backend.write(off, buf, fua).await.map_err(|_| ())?;
-                            off += len;
-                        }
-                    }
-                    Some(_) => {
-                        let mut bounce = disk.take_bounce(req.data_len as usize);
-                        let buf = &mut bounce[..req.data_len as usize];
-                        let mut at = 0usize;
-                        let mut ok = true;
-                        for seg in &req.data {
-                            let n = seg.len as usize;
-                            ok &= mem.read_slice(&mut buf[at..at + n], seg.addr).is_ok();
-                            at += n;
-                        }
-                        let r = if ok {
-                            disk.backend.write(offset, buf, fua).await.map_err(|_| ())
-                        } else {
-                            Err(())
-                        };
-                        disk.give_bounce(bounce);
-                        r?;
-                    }
-                    None => return Err(()),
-                }
+                let runs = host_runs(mem, &req.data).ok_or(())?;
+                let mut off = offset;
+                let writes = runs.into_iter().map(|buf| {
+                    let at = off;
+                    off += buf.len() as u64;
+                    disk.backend.write(at, &*buf, fua)
+                });
+                futures::future::try_join_all(writes)
+                    .await
+                    .map_err(|_| ())?;
             }
             Kind::Flush => disk.backend.flush().await.map_err(|_| ())?,
             Kind::GetId => {
