@@ -29,13 +29,22 @@ fn sources(d: &Path) {
     args.push("src.raw");
     setup(d, "qemu-io", &args);
     qemu_img(d, "create -q -f qcow2 base.qcow2 8M");
-    io(d, "qemu-io", "base.qcow2", &["write -P 1 0 2M", "write -P 2 4M 1M"]);
+    io(
+        d,
+        "qemu-io",
+        "base.qcow2",
+        &["write -P 1 0 2M", "write -P 2 4M 1M"],
+    );
     qemu_img(d, "create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2");
     io(
         d,
         "qemu-io",
         "mid.qcow2",
-        &["write -P 3 256k 256k", "write -z 4M 128k", "write -c -P 6 6M 64k"],
+        &[
+            "write -P 3 256k 256k",
+            "write -z 4M 128k",
+            "write -c -P 6 6M 64k",
+        ],
     );
     qemu_img(d, "create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2");
     io(
@@ -74,12 +83,20 @@ fn convert_both(d: &Path, args: &[&str], identical: bool) {
     let info = run_in(d, "qemu-img", &["info", "--output=json", "r.out"]);
     if String::from_utf8_lossy(&info.stdout).contains("\"format\": \"qcow2\"") {
         let c = run_in(d, "qemu-img", &["check", "r.out"]);
-        assert!(c.status.success(), "convert {}: check {c:?}", args.join(" "));
+        assert!(
+            c.status.success(),
+            "convert {}: check {c:?}",
+            args.join(" ")
+        );
     }
     if identical {
         let a = std::fs::read(d.join("q.out")).unwrap();
         let b = std::fs::read(d.join("r.out")).unwrap();
-        assert!(a == b, "convert {}: targets differ in bytes", args.join(" "));
+        assert!(
+            a == b,
+            "convert {}: targets differ in bytes",
+            args.join(" ")
+        );
     }
 }
 
@@ -98,7 +115,17 @@ fn convert_matches_qemu_img() {
         (&["-O", "raw", "top.qcow2"], true),
         (&["-O", "qcow2", "-c", "src.raw"], true),
         (&["-O", "qcow2", "-c", "top.qcow2"], true),
-        (&["-O", "qcow2", "-c", "-o", "compression_type=zstd", "src.raw"], true),
+        (
+            &[
+                "-O",
+                "qcow2",
+                "-c",
+                "-o",
+                "compression_type=zstd",
+                "src.raw",
+            ],
+            true,
+        ),
         (&["-O", "qcow2", "-c", "-S", "0", "top.qcow2"], true),
         (&["-O", "qcow2", "-S", "0", "src.raw"], true),
         (&["-O", "raw", "-S", "0", "top.qcow2"], true),
@@ -106,12 +133,44 @@ fn convert_matches_qemu_img() {
         (&["-O", "qcow2", "-o", "cluster_size=4k", "src.raw"], true),
         (&["-O", "qcow2", "-o", "compat=0.10", "top.qcow2"], true),
         (&["-O", "qcow2", "-o", "extended_l2=on", "top.qcow2"], true),
-        (&["-O", "qcow2", "-o", "preallocation=metadata", "top.qcow2"], true),
-        (&["-O", "qcow2", "-B", "mid.qcow2", "-F", "qcow2", "top.qcow2"], true),
-        (&["-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2"], true),
-        (&["-O", "qcow2", "-c", "-B", "mid.qcow2", "-F", "qcow2", "top.qcow2"], true),
+        (
+            &["-O", "qcow2", "-o", "preallocation=metadata", "top.qcow2"],
+            true,
+        ),
+        (
+            &["-O", "qcow2", "-B", "mid.qcow2", "-F", "qcow2", "top.qcow2"],
+            true,
+        ),
+        (
+            &[
+                "-O",
+                "qcow2",
+                "-B",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ],
+            true,
+        ),
+        (
+            &[
+                "-O",
+                "qcow2",
+                "-c",
+                "-B",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ],
+            true,
+        ),
         (&["-O", "qcow2", "-l", "snap1", "top.qcow2"], true),
-        (&["-O", "raw", "-l", "snapshot.name=snap1", "top.qcow2"], true),
+        (
+            &["-O", "raw", "-l", "snapshot.name=snap1", "top.qcow2"],
+            true,
+        ),
         (&["-O", "qcow2", "src.raw", "top.qcow2", "odd.raw"], true),
         (&["odd.raw"], true),
         (&["-m", "1", "-O", "qcow2", "top.qcow2"], true),
@@ -119,7 +178,19 @@ fn convert_matches_qemu_img() {
         (&["-W", "-c", "-O", "qcow2", "src.raw"], false),
         (&["-p", "-O", "qcow2", "src.raw"], true),
         (&["-p", "-S", "0", "-O", "raw", "top.qcow2"], true),
-        (&["-q", "-T", "none", "-t", "writeback", "-O", "qcow2", "src.raw"], true),
+        (
+            &[
+                "-q",
+                "-T",
+                "none",
+                "-t",
+                "writeback",
+                "-O",
+                "qcow2",
+                "src.raw",
+            ],
+            true,
+        ),
     ] {
         convert_both(d, args, identical);
     }
@@ -167,8 +238,25 @@ fn convert_errors_match_qemu_img() {
         &["convert", "--skip-broken-bitmaps", "s.raw", "t"],
         &["convert", "--bitmaps", "s.raw", "t"],
         &["convert", "-O", "raw", "-c", "s.raw", "t"],
-        &["convert", "-O", "qcow2", "-c", "-o", "preallocation=full", "s.raw", "t"],
-        &["convert", "-O", "qcow2", "-o", "cluster_size=3k", "s.raw", "t"],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-c",
+            "-o",
+            "preallocation=full",
+            "s.raw",
+            "t",
+        ],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=3k",
+            "s.raw",
+            "t",
+        ],
         &["convert", "-O", "foo", "s.raw", "t"],
         &["convert", "-t", "foo", "s.raw", "t"],
         &["convert", "-T", "foo", "s.raw", "t"],
@@ -176,8 +264,12 @@ fn convert_errors_match_qemu_img() {
         &["convert", "-O", "qcow2", "-l", "nosuch", "s.qcow2", "t"],
         &["convert", "-n", "s.raw", "missing"],
         &["convert", "missing", "t"],
-        &["convert", "-O", "qcow2", "-B", "missing", "-F", "qcow2", "s.qcow2", "t"],
-        &["convert", "-O", "qcow2", "-B", "s.qcow2", "-F", "qcow2", "s.qcow2", "s.raw", "t"],
+        &[
+            "convert", "-O", "qcow2", "-B", "missing", "-F", "qcow2", "s.qcow2", "t",
+        ],
+        &[
+            "convert", "-O", "qcow2", "-B", "s.qcow2", "-F", "qcow2", "s.qcow2", "s.raw", "t",
+        ],
         &["convert", "-O", "qcow2", "-o", "help", "s.raw", "t"],
     ] {
         let _ = std::fs::remove_file(d.join("t"));
@@ -198,7 +290,17 @@ fn convert_keeps_content_and_sparseness() {
         (&["-O", "qcow2", "top.qcow2"][..], "a.qcow2"),
         (&["-O", "raw", "a.qcow2"], "a.raw"),
         (&["-O", "qcow2", "-c", "a.raw"], "c.qcow2"),
-        (&["-O", "qcow2", "-c", "-o", "compression_type=zstd", "c.qcow2"], "z.qcow2"),
+        (
+            &[
+                "-O",
+                "qcow2",
+                "-c",
+                "-o",
+                "compression_type=zstd",
+                "c.qcow2",
+            ],
+            "z.qcow2",
+        ),
         (&["-O", "raw", "z.qcow2"], "z.raw"),
     ] {
         let mut a = vec!["convert"];
