@@ -405,3 +405,112 @@ fn hostile_replies_are_clean_errors() {
         let _ = h.join();
     }
 }
+
+/// A strict server on `sock` (one client): no structured replies, no meta contexts,
+/// a 512-byte minimum block size, and EINVAL for any request not aligned to it.
+/// Returns the number of unaligned requests it saw.
+fn strict_server(sock: &Path) -> std::thread::JoinHandle<u32> {
+    let l = UnixListener::bind(sock).expect("bind");
+    std::thread::spawn(move || {
+        let Ok((mut c, _)) = l.accept() else { return 0 };
+        let mut disk = vec![0u8; 1 << 20];
+        let mut unaligned = 0;
+        let mut w = b"NBDMAGICIHAVEOPT".to_vec();
+        w.extend(3u16.to_be_bytes());
+        c.write_all(&w).unwrap();
+        let mut b4 = [0u8; 4];
+        c.read_exact(&mut b4).unwrap();
+        loop {
+            let mut h = [0u8; 16];
+            c.read_exact(&mut h).unwrap();
+            let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+            let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let mut data = vec![0u8; len as usize];
+            c.read_exact(&mut data).unwrap();
+            let rep = |ty: u32, payload: &[u8]| {
+                let mut v = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
+                v.extend(opt.to_be_bytes());
+                v.extend(ty.to_be_bytes());
+                v.extend((payload.len() as u32).to_be_bytes());
+                v.extend(payload);
+                v
+            };
+            if opt == 7 {
+                let mut i = 0u16.to_be_bytes().to_vec();
+                i.extend((1u64 << 20).to_be_bytes());
+                i.extend((1u16 | 4 | 32 | 64).to_be_bytes());
+                c.write_all(&rep(3, &i)).unwrap();
+                let mut b = 3u16.to_be_bytes().to_vec();
+                for v in [512u32, 4096, 1 << 20] {
+                    b.extend(v.to_be_bytes());
+                }
+                c.write_all(&rep(3, &b)).unwrap();
+                c.write_all(&rep(1, &[])).unwrap();
+                break;
+            }
+            c.write_all(&rep((1 << 31) + 1, &[])).unwrap();
+        }
+        loop {
+            let mut req = [0u8; 28];
+            if c.read_exact(&mut req).is_err() {
+                return unaligned;
+            }
+            let ty = u16::from_be_bytes([req[6], req[7]]);
+            let off = u64::from_be_bytes(req[16..24].try_into().unwrap()) as usize;
+            let len = u32::from_be_bytes(req[24..28].try_into().unwrap()) as usize;
+            let mut payload = vec![0u8; if ty == 1 { len } else { 0 }];
+            c.read_exact(&mut payload).unwrap();
+            if ty == 2 {
+                return unaligned;
+            }
+            let bad = ty != 3
+                && (!off.is_multiple_of(512) || !len.is_multiple_of(512) || off + len > disk.len());
+            unaligned += u32::from(bad);
+            let mut r = 0x6744_6698u32.to_be_bytes().to_vec();
+            r.extend(if bad { 22u32 } else { 0 }.to_be_bytes());
+            r.extend(&req[8..16]);
+            if !bad {
+                match ty {
+                    0 => r.extend(&disk[off..off + len]),
+                    1 => disk[off..off + len].copy_from_slice(&payload),
+                    4 | 6 => disk[off..off + len].fill(0),
+                    _ => {}
+                }
+            }
+            c.write_all(&r).unwrap();
+        }
+    })
+}
+
+#[test]
+fn unaligned_requests_on_a_strict_server() {
+    let s = Scratch::new("nbd-strict");
+    let sock = s.path().join("strict.sock");
+    let h = strict_server(&sock);
+    let url = format!("nbd+unix://?socket={}", sock.to_string_lossy());
+    let cmds = [
+        "write -P 7 0 4k",
+        "write -P 9 1 3",
+        "read -P 7 0 1",
+        "read -P 9 1 3",
+        "read -P 7 4 508",
+        "write -z 100 1000",
+        "read -P 0 100 1000",
+        "read -P 7 1100 100",
+        "discard 10 2000",
+        "read -P 7 3000 1096",
+        "map",
+    ];
+    let o = Command::new(bin("rqemu-io"))
+        .args(io_args(&cmds, &["-f", "raw", &url]))
+        .output()
+        .expect("rqemu-io");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(!out.contains("failed"), "{out}");
+    assert_eq!(
+        h.join().expect("server"),
+        0,
+        "unaligned requests reached the server"
+    );
+}

@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use rqemu_opts::KeyVal;
 
 use crate::error::{Error, Result};
-use crate::node::{BlockDriver, BlockStatus, Prealloc, WriteFlags};
+use crate::node::{Alignment, BlockDriver, BlockStatus, Prealloc, WriteFlags};
 
 use addr::{NbdOptions, Stream};
 use handshake::ExportInfo;
@@ -48,6 +48,9 @@ pub struct NbdNode {
     conn: Mutex<Arc<Connection>>,
     /// Held while a lost connection is being replaced.
     reconnecting: tokio::sync::Mutex<()>,
+    /// Read-modify-write cycles for requests not aligned to the server's minimum block
+    /// size hold this exclusively; aligned writes share it.
+    rmw: tokio::sync::RwLock<()>,
     opts: NbdOptions,
     info: ExportInfo,
     read_only: bool,
@@ -88,6 +91,7 @@ pub fn open(filename: &str, kv: &mut KeyVal, read_only: bool) -> Result<Arc<NbdN
     Ok(Arc::new(NbdNode {
         conn: Mutex::new(Arc::new(conn)),
         reconnecting: tokio::sync::Mutex::new(()),
+        rmw: tokio::sync::RwLock::new(()),
         opts,
         info,
         read_only,
@@ -192,6 +196,28 @@ impl NbdNode {
         .await
     }
 
+    /// The aligned range around `[offset, offset + len)` when that is not aligned to
+    /// the server's minimum block size (QEMU's request alignment for the node).
+    fn widen(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        let a = u64::from(self.info.min_block.max(1));
+        if a == 1 || (offset.is_multiple_of(a) && len.is_multiple_of(a)) {
+            return None;
+        }
+        Some((offset / a * a, (offset + len).div_ceil(a) * a))
+    }
+
+    /// Writes a request aligned to the minimum block size.
+    async fn write_aligned(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        let max = self.max_transfer() as usize;
+        let fl = self.fua_flag(flags);
+        for (i, chunk) in buf.chunks(max).enumerate() {
+            let off = offset + (i * max) as u64;
+            self.simple(reply::CMD_WRITE, fl, off, chunk.len() as u32, Some(chunk))
+                .await?;
+        }
+        self.fua_flush(flags).await
+    }
+
     fn max_transfer(&self) -> u64 {
         match self.info.max_block {
             0 => MAX_BUFFER,
@@ -288,11 +314,25 @@ impl BlockDriver for NbdNode {
         self.read_only
     }
 
+    fn alignment(&self) -> Alignment {
+        Alignment {
+            request: self.info.min_block.max(1),
+            memory: 1,
+        }
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if let Some((start, end)) = self.widen(offset, buf.len() as u64) {
+            let mut bounce = vec![0u8; (end - start) as usize];
+            self.read(start, &mut bounce).await?;
+            let at = (offset - start) as usize;
+            buf.copy_from_slice(&bounce[at..at + buf.len()]);
+            return Ok(());
+        }
         let avail = self.in_export(offset, buf.len() as u64) as usize;
         buf[avail..].fill(0);
         let max = self.max_transfer() as usize;
@@ -308,18 +348,44 @@ impl BlockDriver for NbdNode {
 
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
         self.check_writable()?;
-        let max = self.max_transfer() as usize;
-        let fl = self.fua_flag(flags);
-        for (i, chunk) in buf.chunks(max).enumerate() {
-            let off = offset + (i * max) as u64;
-            self.simple(reply::CMD_WRITE, fl, off, chunk.len() as u32, Some(chunk))
-                .await?;
+        let len = buf.len() as u64;
+        if let Some((start, end)) = self.widen(offset, len) {
+            let _g = self.rmw.write().await;
+            let mut bounce = vec![0u8; (end - start) as usize];
+            self.read(start, &mut bounce).await?;
+            let at = (offset - start) as usize;
+            bounce[at..at + buf.len()].copy_from_slice(buf);
+            return self.write_aligned(start, &bounce, flags).await;
         }
-        self.fua_flush(flags).await
+        let _g = self.rmw.read().await;
+        self.write_aligned(offset, buf, flags).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
         self.check_writable()?;
+        if self.widen(offset, len).is_some() {
+            // Unaligned head and tail are written as zero buffers; the rest is aligned.
+            let a = u64::from(self.info.min_block);
+            let end = offset + len;
+            let head_end = offset.next_multiple_of(a).min(end);
+            let tail = (end / a * a).max(head_end);
+            let plain = WriteFlags {
+                may_unmap: false,
+                ..flags
+            };
+            if head_end > offset {
+                self.write(offset, &vec![0u8; (head_end - offset) as usize], plain)
+                    .await?;
+            }
+            if tail > head_end {
+                self.write_zeroes(head_end, tail - head_end, flags).await?;
+            }
+            if end > tail {
+                self.write(tail, &vec![0u8; (end - tail) as usize], plain)
+                    .await?;
+            }
+            return Ok(());
+        }
         let max = self.max_transfer();
         if !self.has(handshake::FLAG_SEND_WRITE_ZEROES) {
             if flags.no_fallback {
@@ -345,6 +411,7 @@ impl BlockDriver for NbdNode {
             }
             fl |= CMD_FLAG_FAST_ZERO;
         }
+        let _g = self.rmw.read().await;
         let mut done = 0;
         while done < len {
             let n = (len - done).min(max);
@@ -360,7 +427,16 @@ impl BlockDriver for NbdNode {
         if !self.has(handshake::FLAG_SEND_TRIM) {
             return Ok(());
         }
-        let max = 1u64 << 30;
+        // A discard is a hint: only whole blocks are passed on.
+        let a = u64::from(self.info.min_block.max(1));
+        let start = offset.next_multiple_of(a);
+        let end = (offset + len) / a * a;
+        if end <= start {
+            return Ok(());
+        }
+        let (offset, len) = (start, end - start);
+        let _g = self.rmw.read().await;
+        let max = (1u64 << 30) / a * a;
         let mut done = 0;
         while done < len {
             let n = (len - done).min(max);
@@ -385,19 +461,34 @@ impl BlockDriver for NbdNode {
         if offset >= self.info.size {
             return Ok(status::past_end(len));
         }
-        let n = self.in_export(offset, len).min(i32::MAX as u64 & !511);
+        // Asked for whole blocks; the answer is cut back to the range asked about.
+        let (qoff, qend) = self.widen(offset, len).unwrap_or((offset, offset + len));
+        let qlen = self
+            .in_export(qoff, qend - qoff)
+            .min(i32::MAX as u64 & !65535);
         let c = self
             .call(
                 reply::CMD_BLOCK_STATUS,
                 CMD_FLAG_REQ_ONE,
-                offset,
-                n as u32,
+                qoff,
+                qlen as u32,
                 None,
                 status::Collector::default,
                 |c, b| c.take(b, context),
             )
             .await?;
-        c.finish(offset, n)
+        let mut st = c.finish(qoff, qlen)?;
+        let end = (qoff + st.len).min(offset + len);
+        if end <= offset {
+            return Err(protocol_error(
+                "server sent status extent shorter than a block",
+            ));
+        }
+        st.len = end - offset;
+        if let Some(h) = st.host.as_mut() {
+            h.offset = offset;
+        }
+        Ok(st)
     }
 
     async fn truncate(&self, size: u64, exact: bool, _prealloc: Prealloc) -> Result<()> {

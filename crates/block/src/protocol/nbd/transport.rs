@@ -293,6 +293,16 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        // A connection dropped without `close` (a graph that failed to open) still
+        // says goodbye.
+        let open = self
+            .reader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if open && !self.is_dead() {
+            let _ = self.send(&Self::header(CMD_DISC, 0, 0, 0, 0), None);
+        }
         self.writer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
