@@ -240,6 +240,11 @@ fn open_errors_match_qemu() {
         "nbd:localhost".to_string(),
         "nbd://127.0.0.1:1/x".to_string(),
         "nbd:127.0.0.1:1:exportname=x".to_string(),
+        format!("nbd+unix:///exp?socket={p}&x=y"),
+        "nbd://localhost/e?socket=x".to_string(),
+        format!("nbd+unix://host/exp?socket={p}"),
+        format!("nbd:unix:{p}:exportname="),
+        "nbd+unix:///exp".to_string(),
     ];
     for c in &cases {
         same(d, "qemu-img", &["info", c]);
@@ -249,6 +254,12 @@ fn open_errors_match_qemu() {
         format!("driver=nbd,host=127.0.0.1,path={p}"),
         format!("driver=nbd,path={p},port=1"),
         format!("driver=nbd,path={p},export=exp,bogus=1"),
+        format!("driver=nbd,path={p},export=exp,tls-creds=x"),
+        format!("driver=nbd,server.type=unix,path={p}"),
+        "driver=nbd,server.type=unix".to_string(),
+        "driver=nbd,server.type=inet,server.host=localhost".to_string(),
+        "driver=nbd,server.type=foo,server.path=x".to_string(),
+        format!("driver=nbd,server.type=unix,server.path={p},server.bogus=1"),
         format!("driver=nbd,path={p},export=exp,x-dirty-bitmap=qemu:dirty-bitmap:no"),
     ] {
         same(d, "qemu-img", &["info", "--image-opts", &o]);

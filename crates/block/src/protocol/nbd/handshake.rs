@@ -452,6 +452,69 @@ mod tests {
         );
     }
 
+    /// A server's whole side of a successful handshake.
+    fn good_transcript() -> Vec<u8> {
+        let rep = |opt: u32, ty: u32, p: &[u8]| {
+            let mut v = REP_MAGIC.to_be_bytes().to_vec();
+            v.extend(opt.to_be_bytes());
+            v.extend(ty.to_be_bytes());
+            v.extend((p.len() as u32).to_be_bytes());
+            v.extend(p);
+            v
+        };
+        let mut v = INIT_MAGIC.to_be_bytes().to_vec();
+        v.extend(OPTS_MAGIC.to_be_bytes());
+        v.extend(3u16.to_be_bytes());
+        v.extend(rep(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+        let mut m = 1u32.to_be_bytes().to_vec();
+        m.extend(b"base:allocation");
+        v.extend(rep(OPT_SET_META_CONTEXT, REP_META_CONTEXT, &m));
+        v.extend(rep(OPT_SET_META_CONTEXT, REP_ACK, &[]));
+        let mut i = INFO_EXPORT.to_be_bytes().to_vec();
+        i.extend((1u64 << 20).to_be_bytes());
+        i.extend(1u16.to_be_bytes());
+        v.extend(rep(OPT_GO, REP_INFO, &i));
+        let mut b = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+        for x in [1u32, 4096, 1 << 25] {
+            b.extend(x.to_be_bytes());
+        }
+        v.extend(rep(OPT_GO, REP_INFO, &b));
+        v.extend(rep(OPT_GO, REP_ACK, &[]));
+        v
+    }
+
+    #[test]
+    fn a_good_handshake_and_its_mutations() {
+        let mut f = Fake {
+            input: std::io::Cursor::new(good_transcript()),
+            out: vec![],
+        };
+        let info = negotiate(&mut f, "", "base:allocation").unwrap();
+        assert_eq!(
+            (info.size, info.context_id, info.max_block),
+            (1 << 20, Some(1), 1 << 25)
+        );
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20000 {
+            let mut v = good_transcript();
+            for _ in 0..(next() % 4 + 1) {
+                let at = (next() as usize) % v.len();
+                v[at] = next() as u8;
+            }
+            let mut f = Fake {
+                input: std::io::Cursor::new(v),
+                out: vec![],
+            };
+            let _ = negotiate(&mut f, "", "base:allocation");
+        }
+    }
+
     #[test]
     fn huge_option_reply_is_refused() {
         let mut inp = Vec::new();
