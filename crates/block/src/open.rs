@@ -183,6 +183,19 @@ pub async fn open_node(
     if let Some(d) = kv.take("detect-zeroes") {
         crate::options::DetectZeroes::parse(&d)?;
     }
+    // Null devices (driver=null-co / null-aio).
+    if let Some(name @ ("null-co" | "null-aio")) = format {
+        let name = if name == "null-co" {
+            "null-co"
+        } else {
+            "null-aio"
+        };
+        return Ok(Arc::new(crate::protocol::null::NullNode::open(
+            name,
+            &mut kv,
+            flags.read_only,
+        )?));
+    }
     // Protocol-only opens (driver=nbd).
     if format == Some("nbd") {
         let fname = kv.take("filename").unwrap_or_else(|| filename.to_string());

@@ -3,3 +3,4 @@
 pub mod file;
 pub mod mem;
 pub mod nbd;
+pub mod null;
