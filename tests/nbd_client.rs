@@ -525,3 +525,31 @@ fn unaligned_requests_on_a_strict_server() {
         "unaligned requests reached the server"
     );
 }
+
+#[test]
+fn creation_on_an_existing_export() {
+    if !ready() {
+        return;
+    }
+    let s = Scratch::new("nbd-create");
+    let d = s.path();
+    qemu_img(d, "create -q -f raw a.raw 1M");
+    io(d, "qemu-io", "a.raw", &["write -P 0x55 0 1M"]);
+    let srv = Server::start(d, "a", &["-f", "raw", "-x", "e"], "a.raw");
+    let url = format!("nbd+unix:///e?socket={}", srv.path());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(rqemu_block::protocol::nbd::create_existing(&url, 64 << 10))
+        .expect("create on an existing export");
+    let grow = rt
+        .block_on(rqemu_block::protocol::nbd::create_existing(&url, 2 << 20))
+        .expect_err("exports cannot grow");
+    assert_eq!(grow.to_string(), "Cannot grow NBD nodes");
+    drop(srv);
+    // The first sector is zeroed, the rest is left alone.
+    let data = std::fs::read(d.join("a.raw")).expect("image");
+    assert!(data[..512].iter().all(|&b| b == 0));
+    assert!(data[512..].iter().all(|&b| b == 0x55));
+}

@@ -99,6 +99,36 @@ pub fn open(filename: &str, kv: &mut KeyVal, read_only: bool) -> Result<Arc<NbdN
     }))
 }
 
+/// Image creation on an NBD export, as QEMU does it for protocol drivers that cannot
+/// create: the export must exist and be at least `size` bytes long (it cannot grow), and
+/// its first sector is zeroed so that no stale header is probed afterwards.
+pub async fn create_existing(filename: &str, size: u64) -> Result<()> {
+    let mut kv = KeyVal::new();
+    let node = open(filename, &mut kv, false).map_err(|e| {
+        Error::other(
+            format!(
+                "Protocol driver 'nbd' does not support creating new images, so an existing image must be selected as the target; however, opening the given target as an existing image failed: {e}"
+            ),
+            libc::EINVAL,
+        )
+    })?;
+    node.truncate(size, false, Prealloc::Off).await?;
+    let n = node.size().min(512);
+    if n > 0 {
+        let flags = WriteFlags {
+            may_unmap: true,
+            ..WriteFlags::NONE
+        };
+        node.write_zeroes(0, n, flags)
+            .await
+            .map_err(|e| Error::Os {
+                context: Some("Failed to clear the new image's first sector".into()),
+                errno: e.errno_value(),
+            })?;
+    }
+    node.close().await
+}
+
 fn protocol_error(msg: &str) -> Error {
     Error::other(msg.to_string(), libc::EIO)
 }
