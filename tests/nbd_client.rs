@@ -553,3 +553,54 @@ fn creation_on_an_existing_export() {
     assert!(data[..512].iter().all(|&b| b == 0));
     assert!(data[512..].iter().all(|&b| b == 0x55));
 }
+
+#[test]
+fn tcp_exports() {
+    if !ready() {
+        return;
+    }
+    let s = Scratch::new("nbd-tcp");
+    let d = s.path();
+    qemu_img(d, "create -q -f qcow2 a.qcow2 4M");
+    io(d, "qemu-io", "a.qcow2", &["write -P 0x21 1M 1M"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+        .to_string();
+    let mut child = Command::new("qemu-nbd")
+        .args(["--persistent", "-b", "127.0.0.1", "-p", &port])
+        .args(["-f", "qcow2", "-x", "t", "a.qcow2"])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        // The readiness probe below connects without negotiating, which it reports.
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd");
+    let t = Instant::now();
+    while std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err()
+        && t.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("nbd://127.0.0.1:{port}/t");
+    let legacy = format!("nbd:127.0.0.1:{port}:exportname=t");
+    let opts = format!("driver=nbd,host=127.0.0.1,port={port},export=t");
+    for args in [
+        vec!["info", url.as_str()],
+        vec!["map", "--output=json", legacy.as_str()],
+        vec!["map", "--image-opts", opts.as_str()],
+    ] {
+        same(d, "qemu-img", &args);
+    }
+    same(
+        d,
+        "qemu-io",
+        &io_args(
+            &["read -P 0x21 1M 1M", "write -P 3 0 4k"],
+            &["-f", "raw", &url],
+        ),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
