@@ -438,6 +438,12 @@ async fn format_over(
             }
             Ok(q)
         }
+        "compress" => {
+            reject_unknown("compress", &kv, false)?;
+            Ok(Arc::new(crate::format::compress::CompressNode::new(
+                file_ref,
+            )?))
+        }
         other => Err(unknown_driver(other)),
     }
 }

@@ -188,7 +188,12 @@ fn main_inner(prog: &str, args: &[String]) -> i32 {
                 opts.filename = file.clone();
             }
             if let Err(e) = st.open(opts, file).await {
-                eprintln!("{prog}: can't open device {file}: {e}");
+                // With --image-opts qemu-io does not name a device.
+                if image_opts {
+                    eprintln!("{prog}: can't open: {e}");
+                } else {
+                    eprintln!("{prog}: can't open device {file}: {e}");
+                }
                 return 1;
             }
         }

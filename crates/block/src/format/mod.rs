@@ -1,4 +1,5 @@
 //! Format drivers: nodes that interpret an image file (raw, qcow2).
 
+pub mod compress;
 pub mod qcow2;
 pub mod raw;
