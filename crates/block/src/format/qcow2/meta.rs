@@ -360,6 +360,7 @@ impl Meta {
     /// Reports a corruption like QEMU: fatal ones mark the image corrupt (if writable)
     /// and make the node refuse further requests.
     pub async fn signal_corruption(&mut self, fatal: bool, msg: String) -> Error {
+        let msg = c_hex_zero(&msg);
         if fatal {
             if !self.dead {
                 eprintln!(
@@ -493,5 +494,38 @@ impl Meta {
                 let _ = d.discard(off, len).await;
             }
         }
+    }
+}
+
+/// QEMU formats these messages with C's `%#x`, which prints zero as a bare `0`: a
+/// standalone `0x0` in a message becomes `0`.
+fn c_hex_zero(msg: &str) -> String {
+    let b = msg.as_bytes();
+    let mut out = String::with_capacity(msg.len());
+    let mut i = 0;
+    while i < b.len() {
+        let standalone = b[i..].starts_with(b"0x0")
+            && (i == 0 || !b[i - 1].is_ascii_alphanumeric())
+            && b.get(i + 3).is_none_or(|c| !c.is_ascii_alphanumeric());
+        if standalone {
+            out.push('0');
+            i += 3;
+        } else {
+            out.push(b[i] as char);
+            i += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod c_hex_tests {
+    #[test]
+    fn zero_loses_its_prefix() {
+        assert_eq!(
+            super::c_hex_zero("L2 offset: 0x40000, L2 index: 0x0)"),
+            "L2 offset: 0x40000, L2 index: 0)"
+        );
+        assert_eq!(super::c_hex_zero("0x0a 0x0"), "0x0a 0");
     }
 }

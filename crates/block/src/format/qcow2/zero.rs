@@ -223,27 +223,34 @@ impl Qcow2 {
         let scs = self.geo.subcluster_size();
         let size = self.size();
         let end = offset + len;
-        // Split like QEMU's block layer: an unaligned head, the aligned bulk, a tail.
+        // Split like QEMU's block layer: an unaligned head up to the first subcluster
+        // boundary, then (only when more than one subcluster remains) the aligned bulk
+        // and an unaligned tail, even at the image end.
         let head_end = if !offset.is_multiple_of(scs) {
             end.min(offset.div_ceil(scs) * scs)
         } else {
             offset
         };
-        let tail_start = if !end.is_multiple_of(scs) && end != size {
-            (end / scs * scs).max(head_end)
+        let tail_start = if !end.is_multiple_of(scs) && end - head_end > scs {
+            end / scs * scs
         } else {
             end
         };
-        if head_end > offset {
-            self.zero_partial(offset, head_end - offset, flags).await?;
-        }
-        if tail_start > head_end {
-            self.zero_aligned(head_end, tail_start - head_end, flags)
-                .await?;
-        }
-        if end > tail_start {
-            self.zero_partial(tail_start, end - tail_start, flags)
-                .await?;
+        for (a, b) in [
+            (offset, head_end),
+            (head_end, tail_start),
+            (tail_start, end),
+        ] {
+            if b <= a {
+                continue;
+            }
+            // What the driver then takes as aligned: an aligned start, and an aligned
+            // end or the image's end.
+            if a.is_multiple_of(scs) && (b.is_multiple_of(scs) || b == size) {
+                self.zero_aligned(a, b - a, flags).await?;
+            } else {
+                self.zero_partial(a, b - a, flags).await?;
+            }
         }
         Ok(())
     }
