@@ -133,8 +133,13 @@ impl Qcow2 {
 
 /// v2 to v3: snapshot entries get the extra data v3 requires, then the header changes.
 async fn upgrade(m: &mut Meta) -> Result<()> {
-    // Snapshot entries already carry the extra data v3 requires: rqemu reads old ones
-    // with defaults and always writes them complete.
+    // v3 requires each snapshot entry to record its VM state size in 64 bits and its
+    // disk size: older entries are rewritten complete first.
+    if m.snapshots.iter().any(|s| s.extra_len < 16) {
+        m.write_snapshots()
+            .await
+            .map_err(|e| e.context("Failed to update the snapshot table"))?;
+    }
     let old = (m.h.version, m.h.header_length);
     m.h.version = 3;
     m.h.header_length = 112;

@@ -1111,6 +1111,26 @@ impl Meta {
         match super::open::read_snapshots(&self.file, &self.h).await {
             Ok(s) => {
                 self.snapshots = s;
+                // Version 3 entries must carry the 64-bit VM state size and the disk size.
+                let incomplete: Vec<usize> = if self.h.version >= 3 {
+                    (0..self.snapshots.len())
+                        .filter(|&i| self.snapshots[i].extra_len < 16)
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                for i in &incomplete {
+                    res.corruptions += 1;
+                    say(format!(
+                        "{} snapshot table entry {i} is incomplete",
+                        if fix.errors { "Repairing" } else { "ERROR" }
+                    ));
+                }
+                if fix.errors && !incomplete.is_empty() {
+                    self.write_snapshots().await?;
+                    res.corruptions -= incomplete.len() as u64;
+                    res.corruptions_fixed += incomplete.len() as u64;
+                }
                 Ok(())
             }
             Err(e) => {

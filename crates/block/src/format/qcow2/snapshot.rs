@@ -37,6 +37,9 @@ pub struct Snapshot {
     pub icount: Option<u64>,
     /// Extra data beyond what rqemu knows, preserved.
     pub unknown_extra: Vec<u8>,
+    /// Size of the extra data as the entry stored it (older entries lack fields that
+    /// version 3 requires).
+    pub extra_len: u32,
 }
 
 impl Snapshot {
@@ -109,6 +112,7 @@ pub fn parse_table(buf: &[u8], count: u32, image_size: u64) -> Result<Vec<Snapsh
             disk_size: image_size,
             icount: None,
             unknown_extra: Vec::new(),
+            extra_len,
         };
         pos += 40;
         let extra = buf.get(pos..pos + extra_len as usize).ok_or_else(short)?;
@@ -165,6 +169,7 @@ mod tests {
             disk_size: 1 << 30,
             icount: None,
             unknown_extra: vec![],
+            extra_len: EXTRA_DATA_LEN,
         };
         let t = encode_table(&[s.clone(), s.clone()]);
         assert_eq!(t.len(), 2 * s.encoded_len());

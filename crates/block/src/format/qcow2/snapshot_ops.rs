@@ -185,6 +185,9 @@ impl Meta {
         self.h.nb_snapshots = self.snapshots.len() as u32;
         self.h.snapshots_offset = offset;
         self.written_snapshot_size = size;
+        for s in &mut self.snapshots {
+            s.extra_len = EXTRA_DATA_LEN + s.unknown_extra.len() as u32;
+        }
         if old_size > 0 {
             self.free_clusters(old_off, old_size, DiscardType::Snapshot)
                 .await;
@@ -204,10 +207,7 @@ impl Meta {
         let mut size = 0u64;
         for s in &self.snapshots {
             size = size.div_ceil(8) * 8;
-            size += 40
-                + (EXTRA_DATA_LEN as u64 + s.unknown_extra.len() as u64)
-                + s.id.len() as u64
-                + s.name.len() as u64;
+            size += 40 + s.extra_len as u64 + s.id.len() as u64 + s.name.len() as u64;
         }
         size
     }
@@ -274,6 +274,7 @@ impl Qcow2 {
             disk_size: self.size(),
             icount: new.icount,
             unknown_extra: Vec::new(),
+            extra_len: super::snapshot::EXTRA_DATA_LEN,
         });
         if let Err(e) = m.write_snapshots().await {
             m.snapshots.pop();
