@@ -202,7 +202,9 @@ fn dump_node(
         Some(QValue::List(l)) => l.clone(),
         _ => Vec::new(),
     };
-    let protocol = children.is_empty();
+    // Protocol nodes print as such only as children; the image itself is always an
+    // "image" with a "file format".
+    let protocol = children.is_empty() && indent > 0;
     let vsize = get_u64(d, "virtual-size").unwrap_or(0);
     let dsize = get_u64(d, "actual-size")
         .map(size_to_str)
