@@ -177,6 +177,10 @@ fn convert_matches_qemu_img() {
         (&["-W", "-O", "qcow2", "top.qcow2"], false),
         (&["-W", "-c", "-O", "qcow2", "src.raw"], false),
         (&["-p", "-O", "qcow2", "src.raw"], true),
+        (&["-C", "-O", "raw", "src.raw"], true),
+        (&["-C", "-O", "qcow2", "src.raw"], true),
+        (&["-C", "-O", "qcow2", "top.qcow2"], true),
+        (&["-C", "odd.raw"], true),
         (&["-p", "-S", "0", "-O", "raw", "top.qcow2"], true),
         (
             &[

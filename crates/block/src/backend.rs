@@ -176,6 +176,12 @@ impl BlockBackend {
         self.root.write_compressed(offset, buf).await
     }
 
+    /// The regular host file holding the image's bytes one to one, and where byte 0 is
+    /// in it (for copy offloading).
+    pub fn host_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        self.root.host_fd()
+    }
+
     /// What compresses clusters for [`Self::write_precompressed`] (formats with
     /// compressed clusters only).
     pub fn compressor(&self) -> Option<crate::format::qcow2::compress::Compressor> {

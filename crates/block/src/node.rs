@@ -194,6 +194,12 @@ pub trait BlockDriver: Send + Sync + 'static {
             .map(|(_, n)| n)
     }
 
+    /// Where this node's bytes lie one to one in a regular host file: its descriptor and
+    /// the offset of byte 0 (for copy offloading). `None` for anything else.
+    fn host_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        None
+    }
+
     /// The format's allocation unit, where it has one (QEMU's `bdrv_get_info`).
     fn cluster_size(&self) -> Option<u64> {
         None

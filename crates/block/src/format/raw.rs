@@ -116,6 +116,10 @@ impl BlockDriver for RawNode {
         self.file.has_zero_init()
     }
 
+    fn host_fd(&self) -> Option<(std::os::fd::RawFd, u64)> {
+        self.file.host_fd().map(|(fd, at)| (fd, at + self.offset))
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }

@@ -410,6 +410,10 @@ impl FileNode {
 
 #[async_trait]
 impl BlockDriver for FileNode {
+    fn host_fd(&self) -> Option<(RawFd, u64)> {
+        (!self.is_block_device && !self.direct).then(|| (self.fd(), 0))
+    }
+
     fn has_zero_init(&self) -> bool {
         // A regular file grows with zeroes; a device keeps what it held.
         !self.is_block_device

@@ -70,10 +70,15 @@ pub struct Job {
     pub quiet: bool,
     /// Bytes per second the target may be written at (0: unlimited).
     pub rate_limit: u64,
+    /// `-C`: copy data between host files with `copy_file_range` where both sides are
+    /// plain files (otherwise, or when the kernel refuses, data is read and written).
+    pub copy_range: bool,
 }
 
 /// One write to the target.
 enum Op {
+    /// Data copied by the kernel from the source file (`-C`).
+    CopyRange { sector: u64, n: u64 },
     /// Data from the request's buffer: `n` sectors at buffer offset `at`.
     Write { sector: u64, at: usize, n: u64 },
     /// Zeroes.
@@ -204,6 +209,15 @@ impl Job {
 
 /// Reads a request and decides its writes (qemu-img's `convert_co_write` rules).
 async fn prepare(job: &Job, pool: &Pool, c: Chunk) -> Result<Prepared, ()> {
+    if job.copy_range && c.status == Status::Data && copy_ends(job, c.sector).is_some() {
+        return Ok(Prepared {
+            buf: Vec::new(),
+            ops: vec![Op::CopyRange {
+                sector: c.sector,
+                n: c.n,
+            }],
+        });
+    }
     let mut status = c.status;
     let mut buf = Vec::new();
     if status == Status::Data {
@@ -247,7 +261,8 @@ async fn prepare(job: &Job, pool: &Pool, c: Chunk) -> Result<Prepared, ()> {
                             data,
                         });
                     }
-                } else if job.min_sparse == 0 {
+                } else if job.min_sparse == 0 || job.copy_range {
+                    // (Copy offloading copies data as it is, zeroes included.)
                     ops.push(Op::Write { sector, at, n });
                 } else {
                     let (data, len) = allocated_run_min(
@@ -331,6 +346,7 @@ async fn apply(job: &Job, pool: &Pool, p: Prepared, limiter: &mut RateLimiter) -
         let (sector, n) = match op {
             Op::Write { sector, n, .. }
             | Op::Zeroes { sector, n }
+            | Op::CopyRange { sector, n }
             | Op::Compressed { sector, n, .. } => (*sector, *n),
         };
         limiter.wait(n * 512).await;
@@ -340,6 +356,7 @@ async fn apply(job: &Job, pool: &Pool, p: Prepared, limiter: &mut RateLimiter) -
                     .await
             }
             Op::Zeroes { .. } => t.write_zeroes(sector * 512, n * 512, true).await,
+            Op::CopyRange { .. } => copy_range(job, pool, sector, n).await,
             Op::Compressed { at, data, .. } => {
                 let len = (n * 512) as usize;
                 t.write_precompressed(sector * 512, &p.buf[*at..*at + len], data.clone())
@@ -356,5 +373,75 @@ async fn apply(job: &Job, pool: &Pool, p: Prepared, limiter: &mut RateLimiter) -
         }
     }
     pool.give(p.buf);
+    Ok(())
+}
+
+/// The source's and the target's host files for a copy at `sector`: (source fd, source
+/// offset, target fd, target offset), when both are plain files.
+fn copy_ends(job: &Job, sector: u64) -> Option<(i32, u64, i32, u64)> {
+    let (i, start) = job.source_at(sector);
+    let (sfd, sbase) = job.sources[i].blk.host_fd()?;
+    let (tfd, tbase) = job.target.host_fd()?;
+    Some((
+        sfd,
+        sbase + (sector - start) * 512,
+        tfd,
+        tbase + sector * 512,
+    ))
+}
+
+/// Copies `n` sectors at `sector` from the source file to the target file in the kernel;
+/// where that is refused, reads and writes them instead (as qemu-img falls back).
+async fn copy_range(job: &Job, pool: &Pool, sector: u64, n: u64) -> rqemu_block::Result<()> {
+    if let Some((sfd, soff, tfd, toff)) = copy_ends(job, sector) {
+        let len = n * 512;
+        let copied = tokio::task::spawn_blocking(move || kernel_copy(sfd, soff, tfd, toff, len))
+            .await
+            .unwrap_or(Err(libc::EIO));
+        match copied {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if !matches!(
+                    e,
+                    libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP
+                ) =>
+            {
+                return Err(rqemu_block::Error::errno(e))
+            }
+            Err(_) => {}
+        }
+    }
+    let mut buf = pool.take((n * 512) as usize);
+    read(job, sector, &mut buf).await?;
+    let r = job.target.write(sector * 512, &buf, false).await;
+    pool.give(buf);
+    r
+}
+
+/// `copy_file_range` until `len` bytes are copied (the source's end reads as zeroes,
+/// which the target already holds); the error is an errno.
+fn kernel_copy(sfd: i32, soff: u64, tfd: i32, toff: u64, len: u64) -> Result<(), i32> {
+    let mut done = 0u64;
+    while done < len {
+        let mut si = (soff + done) as libc::loff_t;
+        let mut ti = (toff + done) as libc::loff_t;
+        // SAFETY: both descriptors stay open for the whole convert (their nodes are held
+        // by the job), and the offsets are passed by pointer to live locals.
+        let r =
+            unsafe { libc::copy_file_range(sfd, &mut si, tfd, &mut ti, (len - done) as usize, 0) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            if e == libc::EINTR {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            break;
+        }
+        done += r as u64;
+    }
     Ok(())
 }

@@ -584,6 +584,7 @@ async fn setup(
         salvage: a.salvage,
         quiet: a.quiet,
         rate_limit: a.rate_limit,
+        copy_range: a.copy_range,
     });
     0
 }
