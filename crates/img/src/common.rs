@@ -389,3 +389,15 @@ pub const QEMU_FORMATS: &[&str] = &[
     "vpc",
     "vvfat",
 ];
+
+/// Compresses one cluster on the blocking pool (all cores), handing the buffer back with
+/// its compressed form (`None`: it does not compress).
+pub async fn compress_on_pool(
+    c: rqemu_block::format::qcow2::compress::Compressor,
+    data: Vec<u8>,
+) -> (Option<Vec<u8>>, Vec<u8>) {
+    // The task is never cancelled; if it panicked, the caller sees an empty buffer.
+    tokio::task::spawn_blocking(move || (c.compress_cluster(&data), data))
+        .await
+        .unwrap_or_default()
+}

@@ -321,9 +321,11 @@ async fn commit(
         done += n;
         meter.print(done as f32 / total as f32 * 100.0, 0);
     }
-    meter.print(100.0, 0);
-    meter.print(100.0, 0);
-    meter.print(100.0, 0);
+    // qemu-img reports completion three times (the job's last step, the job's end and
+    // the command's end), and each prints a 100% line.
+    for _ in 0..3 {
+        meter.print(100.0, 0);
+    }
     base.flush().await
 }
 

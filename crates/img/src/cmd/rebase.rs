@@ -13,7 +13,7 @@ use rqemu_cli::getopt::{HasArg, LongOpt};
 use super::commit::allocated_above;
 use crate::bufpool::Pool;
 use crate::common::{
-    block_on, check_image_opts, open_image, Ctx, ImageArgs, Objects, QEMU_FORMATS,
+    block_on, check_image_opts, compress_on_pool, open_image, Ctx, ImageArgs, Objects, QEMU_FORMATS,
 };
 use crate::progress::Progress;
 
@@ -168,7 +168,7 @@ async fn rebase(ctx: &Ctx, a: &ImageArgs, o: &Opts, meter: &mut Progress) -> boo
     let Some(blk) = open_image(ctx, a).await else {
         return false;
     };
-    let ok = rebase_open(ctx, &blk, a, o, meter).await;
+    let ok = rebase_open(ctx, &blk, o, meter).await;
     let closed = blk.close().await;
     if let Err(e) = &closed {
         if ok {
@@ -178,13 +178,7 @@ async fn rebase(ctx: &Ctx, a: &ImageArgs, o: &Opts, meter: &mut Progress) -> boo
     ok && closed.is_ok()
 }
 
-async fn rebase_open(
-    ctx: &Ctx,
-    blk: &BlockBackend,
-    a: &ImageArgs,
-    o: &Opts,
-    meter: &mut Progress,
-) -> bool {
+async fn rebase_open(ctx: &Ctx, blk: &BlockBackend, o: &Opts, meter: &mut Progress) -> bool {
     let top = blk.root().clone();
     let qcow2 = top.as_any().downcast_ref::<Qcow2>();
     let compressor = blk.compressor();
@@ -206,12 +200,10 @@ async fn rebase_open(
     if !o.unsafe_mode {
         let old = top.backing();
         let new = match o.backing.as_deref() {
-            Some(name) if !name.is_empty() => {
-                match new_backing(ctx, &top, &a.filename, name, o).await {
-                    Some(n) => Some(n),
-                    None => return false,
-                }
-            }
+            Some(name) if !name.is_empty() => match new_backing(ctx, &top, name, o).await {
+                Some(n) => Some(n),
+                None => return false,
+            },
             _ => None,
         };
         if let Err(msg) = copy_differences(blk, old.as_ref(), new, write_align, o, meter).await {
@@ -261,13 +253,7 @@ impl NewBacking {
     }
 }
 
-async fn new_backing(
-    ctx: &Ctx,
-    top: &NodeRef,
-    filename: &str,
-    name: &str,
-    o: &Opts,
-) -> Option<NewBacking> {
+async fn new_backing(ctx: &Ctx, top: &NodeRef, name: &str, o: &Opts) -> Option<NewBacking> {
     let real = rqemu_block::open::resolve_relative(&top.filename(), name);
     let canon = |p: &str| std::fs::canonicalize(p).ok();
     let want = canon(&real);
@@ -280,7 +266,6 @@ async fn new_backing(
         }
         cur = below;
     }
-    let _ = filename;
     let opts = OpenOptions {
         filename: real,
         format: o.backing_fmt.clone(),
@@ -456,11 +441,11 @@ async fn write_compressed(
 ) -> rqemu_block::Result<()> {
     let cs = c.cluster_size();
     for (i, chunk) in data.chunks(cs).enumerate() {
-        let owned = chunk.to_vec();
-        let packed = tokio::task::spawn_blocking(move || (c.compress_cluster(&owned), owned))
-            .await
-            .map_err(|_| rqemu_block::Error::errno(libc::EIO))?;
-        blk.write_precompressed(offset + (i * cs) as u64, &packed.1, packed.0)
+        let (packed, chunk) = compress_on_pool(c, chunk.to_vec()).await;
+        if chunk.is_empty() {
+            return Err(rqemu_block::Error::errno(libc::EIO));
+        }
+        blk.write_precompressed(offset + (i * cs) as u64, &chunk, packed)
             .await?;
     }
     Ok(())

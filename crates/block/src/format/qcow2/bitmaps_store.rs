@@ -357,6 +357,18 @@ impl Qcow2 {
             .ok_or_else(|| not_found(name))
     }
 
+    /// The bitmap `name` if it may be modified (not read-only, not inconsistent).
+    fn find_writable<'a>(list: &'a mut [LiveBitmap], name: &str) -> Result<&'a mut LiveBitmap> {
+        let b = Self::find(list, name)?;
+        if b.readonly {
+            return Err(readonly(name));
+        }
+        if b.inconsistent {
+            return Err(inconsistent(name));
+        }
+        Ok(b)
+    }
+
     /// Adds a persistent bitmap (`qemu-img bitmap --add`): enabled unless `disabled`,
     /// with `granularity` bytes per bit (default: the cluster size within 4k..64k).
     pub async fn bitmap_add(
@@ -454,14 +466,7 @@ impl Qcow2 {
     /// Clears a bitmap.
     pub fn bitmap_clear(&self, name: &str) -> Result<()> {
         let mut list = self.live();
-        let b = Self::find(&mut list, name)?;
-        if b.readonly {
-            return Err(readonly(name));
-        }
-        if b.inconsistent {
-            return Err(inconsistent(name));
-        }
-        b.bits.clear();
+        Self::find_writable(&mut list, name)?.bits.clear();
         Ok(())
     }
 
@@ -480,14 +485,7 @@ impl Qcow2 {
     /// Checks that `name` can be merged into (it exists and is usable).
     pub fn bitmap_check_target(&self, name: &str) -> Result<()> {
         let mut list = self.live();
-        let b = Self::find(&mut list, name)?;
-        if b.readonly {
-            return Err(readonly(name));
-        }
-        if b.inconsistent {
-            return Err(inconsistent(name));
-        }
-        Ok(())
+        Self::find_writable(&mut list, name).map(|_| ())
     }
 
     /// The contents of bitmap `name`, to merge elsewhere.

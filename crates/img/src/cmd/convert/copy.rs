@@ -17,7 +17,7 @@ use rqemu_block::BlockBackend;
 use super::plan::{Chunk, Planner, Status};
 use super::sparse::allocated_run_min;
 use crate::bufpool::Pool;
-use crate::common::{read_sectors, Ctx};
+use crate::common::{compress_on_pool, read_sectors};
 use crate::progress::Progress;
 use crate::ratelimit::RateLimiter;
 
@@ -112,7 +112,7 @@ impl Job {
     }
 
     /// Copies everything; errors are reported.
-    pub async fn run(self, _ctx: &Ctx, progress: &mut Progress) -> Result<(), ()> {
+    pub async fn run(self, progress: &mut Progress) -> Result<(), ()> {
         let job = Arc::new(self);
         let pool = Arc::new(Pool::default());
         // What counts towards progress: data written (and zeroes, when written as data).
@@ -253,7 +253,18 @@ async fn prepare(job: &Job, pool: &Pool, c: Chunk) -> Result<Prepared, ()> {
                     if job.min_sparse != 0 && is_zero(bytes) {
                         zeroes(&mut ops, sector, n);
                     } else {
-                        let data = compress(comp, bytes.to_vec()).await;
+                        // A compressed request is one whole cluster: the buffer itself
+                        // goes to the pool and comes back with its compressed form.
+                        let (data, back) = compress_on_pool(comp, std::mem::take(&mut buf)).await;
+                        if back.is_empty() {
+                            report(&format!(
+                                "error while writing at byte {}: {}",
+                                sector * 512,
+                                strerror(libc::EIO)
+                            ));
+                            return Err(());
+                        }
+                        buf = back;
                         ops.push(Op::Compressed {
                             sector,
                             at,
@@ -286,14 +297,6 @@ async fn prepare(job: &Job, pool: &Pool, c: Chunk) -> Result<Prepared, ()> {
         at += (n * 512) as usize;
     }
     Ok(Prepared { buf, ops })
-}
-
-/// Compresses one cluster on the blocking pool.
-async fn compress(comp: Compressor, data: Vec<u8>) -> Option<Vec<u8>> {
-    tokio::task::spawn_blocking(move || comp.compress_cluster(&data))
-        .await
-        .ok()
-        .flatten()
 }
 
 /// Reads `buf.len()` bytes of the concatenated sources at `sector` (a request for a

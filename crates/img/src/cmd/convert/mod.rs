@@ -327,7 +327,7 @@ async fn convert(ctx: &Ctx, a: Args) -> i32 {
     let code = match (code, job) {
         (0, Some(job)) => {
             let target = job.target.clone();
-            let mut code = match job.run(ctx, &mut progress).await {
+            let mut code = match job.run(&mut progress).await {
                 Ok(()) => 0,
                 Err(()) => 1,
             };
