@@ -181,6 +181,9 @@ fn convert_matches_qemu_img() {
         (&["-C", "-O", "qcow2", "src.raw"], true),
         (&["-C", "-O", "qcow2", "top.qcow2"], true),
         (&["-C", "odd.raw"], true),
+        (&["-r", "1G", "-O", "qcow2", "top.qcow2"], true),
+        (&["--salvage", "-O", "qcow2", "top.qcow2"], true),
+        (&["-f", "qcow2", "-O", "raw", "top.qcow2"], true),
         (&["-p", "-S", "0", "-O", "raw", "top.qcow2"], true),
         (
             &[
@@ -268,6 +271,10 @@ fn convert_errors_match_qemu_img() {
         &["convert", "-O", "qcow2", "-l", "nosuch", "s.qcow2", "t"],
         &["convert", "-n", "s.raw", "missing"],
         &["convert", "missing", "t"],
+        &[
+            "convert", "-f", "raw", "-O", "qcow2", "-o", "size=1X", "s.raw", "t",
+        ],
+        &["convert", "-f", "qcow2", "s.raw", "t"],
         &[
             "convert", "-O", "qcow2", "-B", "missing", "-F", "qcow2", "s.qcow2", "t",
         ],
