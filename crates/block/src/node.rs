@@ -287,6 +287,13 @@ pub trait BlockDriver: Send + Sync + 'static {
         self.flush().await
     }
 
+    /// Checks the node's own options for a reopen (`options` as the node would be
+    /// opened with) without changing anything: a reopen that fails leaves the node as
+    /// it was.
+    fn check_reopen(&self, _options: &rqemu_opts::KeyVal) -> Result<()> {
+        Ok(())
+    }
+
     /// Bytes the node occupies on its storage (`disk size` in `qemu-img info`).
     async fn allocated_size(&self) -> Option<u64> {
         None

@@ -221,7 +221,7 @@ pub async fn open_node(
     let mut file_kv = kv.take_child("file");
     if let Some(inner) = file_kv
         .get("driver")
-        .filter(|d| matches!(*d, "qcow2" | "raw"))
+        .filter(|d| matches!(*d, "qcow2" | "raw" | "null-co" | "null-aio"))
         .map(str::to_string)
     {
         // A format node as the `file` child (QEMU takes any driver there).
@@ -256,6 +256,8 @@ pub async fn open_node(
         };
     }
     let proto = file_kv.take("driver");
+    file_kv.take("node-name");
+    file_kv.take("auto-read-only");
     let nbd = proto.as_deref() == Some("nbd")
         || (proto.is_none() && crate::protocol::nbd::is_nbd_filename(&fname));
     if fname.is_empty() && !nbd {

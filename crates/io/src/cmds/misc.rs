@@ -1,9 +1,9 @@
-//! The other commands: `open`, `close`, `reopen`, `flush`, `discard`, `truncate`,
+//! The other commands: `open`, `close`, `flush`, `discard`, `truncate`,
 //! `length`, `info`, `map`, `alloc`, `sleep`, `sigraise`, `abort`.
 
 use std::time::Instant;
 
-use rqemu_block::node::{BlockDriver, NodeRef, Prealloc};
+use rqemu_block::node::{BlockDriver, ChildRole, NodeRef, Prealloc};
 use rqemu_block::{BlockBackend, CacheMode, DiscardMode, OpenOptions};
 use rqemu_cli::qjson::{dump_human, QValue};
 use rqemu_cli::{outln, outp};
@@ -65,7 +65,7 @@ pub async fn run(st: &mut State, name: &str, c: &CmdInfo, argv: &[String]) -> i3
         "map" => map(st).await,
         "alloc" => alloc(st, argv).await,
         "open" => open(st, c, argv).await,
-        "reopen" => reopen(st, c, argv).await,
+        "reopen" => super::reopen::reopen(st, c, argv).await,
         "sleep" => {
             let Ok(ms) = argv[1].parse::<u64>() else {
                 outln!("{} is not a valid number", argv[1]);
@@ -163,11 +163,31 @@ async fn info(st: &mut State) -> i32 {
     let b = blk(st);
     let root = b.root();
     outln!("format name: {}", root.driver_name());
+    let file_child = root
+        .children()
+        .into_iter()
+        .find(|(r, _)| *r == ChildRole::File)
+        .map(|(_, n)| n);
+    // A protocol node is named twice: as format and as protocol.
+    if file_child.is_none() {
+        outln!("format name: {}", root.driver_name());
+    }
     let Some(q) = root
         .as_any()
         .downcast_ref::<rqemu_block::format::qcow2::Qcow2>()
     else {
-        return 0;
+        // Other drivers report no cluster size; raw passes the question to its file,
+        // and of the protocols only files answer it.
+        let answers = |n: &NodeRef| n.driver_name() == "file";
+        if file_child
+            .as_ref()
+            .map_or(answers(root), |f| root.driver_name() == "raw" && answers(f))
+        {
+            outln!("cluster size: 0 bytes");
+            outln!("vm state offset: 0 bytes");
+            return 0;
+        }
+        return -libc::ENOTSUP;
     };
     let cs = q.cluster_size();
     outln!("cluster size: {}", cvtstr(cs as f64));
@@ -353,60 +373,6 @@ async fn open(st: &mut State, c: &CmdInfo, argv: &[String]) -> i32 {
         } else {
             st.error(&format!("can't open device {label}: {e}"));
         }
-        return -libc::EINVAL;
-    }
-    0
-}
-
-async fn reopen(st: &mut State, c: &CmdInfo, argv: &[String]) -> i32 {
-    let p = match parse_opts(c, argv, "c:o:rw") {
-        Ok(p) => p,
-        Err(e) => return e,
-    };
-    let Some(mut o) = st.opts.clone() else {
-        return -libc::EINVAL;
-    };
-    let (mut ro, mut rw) = (false, false);
-    for (k, v) in &p.opts {
-        let v = v.clone().unwrap_or_default();
-        match *k as u8 as char {
-            'c' => match CacheMode::parse(&v) {
-                Ok(cm) => o.cache = cm,
-                Err(_) => {
-                    st.error(&format!("Invalid cache option: {v}"));
-                    return -libc::EINVAL;
-                }
-            },
-            'o' => match rqemu_opts::KeyVal::parse(&v, None) {
-                Ok(x) => o.options.merge(&x),
-                Err(e) => {
-                    st.error(&e.to_string());
-                    return -libc::EINVAL;
-                }
-            },
-            'r' => ro = true,
-            'w' => rw = true,
-            _ => {}
-        }
-    }
-    if ro && rw {
-        st.error("Only one -r/-w option may be given");
-        return -libc::EINVAL;
-    }
-    if ro {
-        o.read_only = true;
-    }
-    if rw {
-        o.read_only = false;
-    }
-    if !p.operands.is_empty() {
-        usage(c);
-        return -libc::EINVAL;
-    }
-    st.close().await;
-    let label = o.filename.clone();
-    if let Err(e) = st.open(o, &label).await {
-        st.error(&e.to_string());
         return -libc::EINVAL;
     }
     0

@@ -2,6 +2,7 @@
 //! dispatch. Reading and writing live in [`rw`], the rest in [`misc`].
 
 pub mod misc;
+pub mod reopen;
 pub mod rw;
 
 use rqemu_cli::getopt;

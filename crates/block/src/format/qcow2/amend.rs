@@ -255,6 +255,15 @@ async fn expand_zero_clusters(m: &mut Meta, progress: &mut dyn FnMut(u64, u64)) 
     let total: u64 = tables.iter().map(|t| t.1).sum();
     let mut visited = 0;
     for (l1_off, l1_size, active) in tables {
+        if !active && l1_size > 0 {
+            let sn = m
+                .snapshots
+                .iter()
+                .find(|s| s.l1_table_offset == l1_off && s.l1_size as u64 == l1_size);
+            if let Some(sn) = sn {
+                super::snapshot_ops::validate_snapshot_l1_reported(&geo, sn)?;
+            }
+        }
         if !active {
             // Snapshot L1 tables may point at L2 tables the active one uses, read here
             // from disk: what the active pass changed must be there first.

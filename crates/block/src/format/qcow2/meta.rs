@@ -134,6 +134,7 @@ impl Meta {
 
     /// Writes metadata bytes to the image file (and notes that an fsync is due).
     pub async fn write_meta(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.load_inactive_l2().await?;
         self.file_dirty = true;
         self.file.write(offset, bytes, WriteFlags::NONE).await
     }
@@ -158,6 +159,9 @@ impl Meta {
         if self.data_unflushed {
             self.sync().await?;
         }
+        if self.l2_cache.dirty_part(offset, 512).is_some() {
+            self.load_inactive_l2().await?;
+        }
         if let Some((lo, bytes)) = self.l2_cache.dirty_part(offset, 512) {
             self.file_dirty = true;
             self.file
@@ -173,6 +177,9 @@ impl Meta {
         if self.refcounts_after_l2 {
             self.flush_l2_inner().await?;
             self.refcounts_after_l2 = false;
+        }
+        if self.rb_cache.dirty_part(offset, 512).is_some() {
+            self.load_inactive_l2().await?;
         }
         if let Some((lo, bytes)) = self.rb_cache.dirty_part(offset, 512) {
             self.file_dirty = true;

@@ -33,6 +33,7 @@ pub mod open;
 pub mod overlap;
 pub mod refcount;
 pub mod resize;
+pub mod runtime_opts;
 pub mod snapshot;
 pub mod snapshot_ops;
 pub mod types;
@@ -469,7 +470,42 @@ impl BlockDriver for Qcow2 {
         if let Err(e) = self.store_bitmaps(&mut m).await {
             crate::error::report(&e.to_string());
         }
-        m.mark_clean().await
+        // As QEMU closes: each cache failing to flush is reported, and the image then
+        // stays as it is (dirty, if it was).
+        let mut flushed = true;
+        if let Err(e) = m.flush_l2().await {
+            crate::error::report(&format!(
+                "Failed to flush the L2 table cache: {}",
+                crate::error::strerror(e.errno_value())
+            ));
+            flushed = false;
+        }
+        if m.h.incompatible_features & incompat::DIRTY == 0 {
+            if let Err(e) = m.flush_refblocks().await {
+                crate::error::report(&format!(
+                    "Failed to flush the refcount block cache: {}",
+                    crate::error::strerror(e.errno_value())
+                ));
+                flushed = false;
+            }
+        }
+        if flushed {
+            m.mark_clean().await
+        } else {
+            Ok(())
+        }
+    }
+
+    fn check_reopen(&self, options: &rqemu_opts::KeyVal) -> Result<()> {
+        let mut kv = options.clone();
+        let rt = runtime_opts::RuntimeOptions::take_from(&mut kv)?;
+        rt.resolve(&self.geo, self.size())?;
+        if rt.lazy_refcounts == Some(true) && self.version < 3 {
+            return Err(Error::invalid(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
+            ));
+        }
+        Ok(())
     }
 
     async fn allocated_size(&self) -> Option<u64> {

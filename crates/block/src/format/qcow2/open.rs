@@ -11,6 +11,7 @@ use crate::node::NodeRef;
 use super::cache::TableCache;
 use super::header::Header;
 use super::meta::Meta;
+use super::runtime_opts::RuntimeOptions;
 use super::snapshot;
 use super::types::*;
 
@@ -25,75 +26,20 @@ pub struct Qcow2Options {
     pub check: bool,
     /// Only metadata will be read: the data file need not be there.
     pub no_io: bool,
-    /// `lazy-refcounts=on|off` override.
-    pub lazy_refcounts: Option<bool>,
-    /// `pass-discard-request`, `-snapshot`, `-other`.
-    pub pass_discard: [Option<bool>; 3],
     /// External data file node (opened by the caller), when the image uses one.
     pub data_file: Option<NodeRef>,
-    /// L2 cache size in bytes.
-    pub l2_cache_size: Option<u64>,
-    /// Refcount cache size in bytes.
-    pub refcount_cache_size: Option<u64>,
+    /// The runtime options (`lazy-refcounts`, caches, overlap check, discards).
+    pub runtime: RuntimeOptions,
 }
 
 impl Qcow2Options {
     /// Takes the qcow2 runtime options out of `kv` (unknown keys are left for the caller
     /// to report).
     pub fn take_from(kv: &mut KeyVal) -> Result<Qcow2Options> {
-        let mut o = Qcow2Options::default();
-        let bool_of = |k: &str, v: String| -> Result<bool> {
-            rqemu_opts::bool_opt(&v)
-                .ok_or_else(|| Error::invalid(format!("Parameter '{k}' expects 'on' or 'off'")))
-        };
-        if let Some(v) = kv.take("lazy-refcounts") {
-            o.lazy_refcounts = Some(bool_of("lazy-refcounts", v)?);
-        }
-        for (i, k) in [
-            "pass-discard-request",
-            "pass-discard-snapshot",
-            "pass-discard-other",
-        ]
-        .iter()
-        .enumerate()
-        {
-            if let Some(v) = kv.take(k) {
-                o.pass_discard[i] = Some(bool_of(k, v)?);
-            }
-        }
-        for k in ["l2-cache-size", "refcount-cache-size", "cache-size"] {
-            if let Some(v) = kv.take(k) {
-                let n = rqemu_opts::parse_size(&v, 1).map_err(|_| {
-                    Error::invalid(format!(
-                        "Parameter '{k}' expects a non-negative number below 2^64"
-                    ))
-                })?;
-                match k {
-                    "l2-cache-size" => o.l2_cache_size = Some(n),
-                    "refcount-cache-size" => o.refcount_cache_size = Some(n),
-                    _ => {
-                        o.l2_cache_size.get_or_insert(n);
-                    }
-                }
-            }
-        }
-        // Accepted for compatibility; rqemu's choices are fixed.
-        for k in [
-            "l2-cache-entry-size",
-            "cache-clean-interval",
-            "overlap-check",
-        ] {
-            kv.take(k);
-        }
-        let overlap: Vec<String> = kv
-            .keys()
-            .filter(|k| k.starts_with("overlap-check."))
-            .map(|k| k.to_string())
-            .collect();
-        for k in overlap {
-            kv.take(&k);
-        }
-        Ok(o)
+        Ok(Qcow2Options {
+            runtime: RuntimeOptions::take_from(kv)?,
+            ..Default::default()
+        })
     }
 }
 
@@ -266,15 +212,15 @@ pub(super) async fn load(file: &NodeRef, opts: &Qcow2Options) -> Result<Meta> {
         read_snapshots(file, &h).await?
     };
 
-    let l2_bytes = opts.l2_cache_size.unwrap_or_else(|| {
+    let rt = opts.runtime.resolve(&geo, h.size)?;
+    let l2_bytes = rt.l2_cache_size.unwrap_or_else(|| {
         // QEMU's default: enough to cover the whole disk, at most 32 MiB.
         let needed = vm_state_index * cs;
         needed.clamp(2 * cs, 32 << 20)
     });
-    let rb_bytes = opts
-        .refcount_cache_size
-        .unwrap_or((l2_bytes / 4).max(4 * cs));
+    let rb_bytes = rt.refcount_cache_size.unwrap_or((l2_bytes / 4).max(4 * cs));
     let lazy = opts
+        .runtime
         .lazy_refcounts
         .unwrap_or(h.compatible_features & compat::LAZY_REFCOUNTS != 0);
     if lazy && h.version < 3 && !opts.read_only {
@@ -302,9 +248,9 @@ pub(super) async fn load(file: &NodeRef, opts: &Qcow2Options) -> Result<Meta> {
         discard_passthrough: [
             // QCOW2_DISCARD_ALWAYS: freed bitmap data, shrunk L1 ranges, check repairs.
             true,
-            opts.pass_discard[0].unwrap_or(true),
-            opts.pass_discard[1].unwrap_or(true),
-            opts.pass_discard[2].unwrap_or(false),
+            opts.runtime.pass_discard[0].unwrap_or(true),
+            opts.runtime.pass_discard[1].unwrap_or(true),
+            opts.runtime.pass_discard[2].unwrap_or(false),
         ],
         pending_discards: Vec::new(),
         pending_data_discards: Vec::new(),
@@ -318,7 +264,7 @@ pub(super) async fn load(file: &NodeRef, opts: &Qcow2Options) -> Result<Meta> {
         has_backing: false,
         snapshots_checked: false,
         written_snapshot_size: 0,
-        overlap: Default::default(),
+        overlap: super::overlap::OverlapIndex::with_mask(rt.overlap_mask),
         h,
     };
     meta.update_max_reftable_index();

@@ -3,10 +3,11 @@
 
 use std::collections::HashMap;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 use super::cluster::L2Meta;
 use super::meta::Meta;
+use super::runtime_opts::overlap_bits;
 use super::types::*;
 
 /// Kinds of metadata, in the order (and with the names) QEMU reports them.
@@ -18,6 +19,7 @@ pub(super) enum MetaKind {
     SnapshotTable,
     InactiveL1,
     ActiveL2,
+    InactiveL2,
     RefcountBlock,
     BitmapDirectory,
 }
@@ -32,20 +34,56 @@ impl MetaKind {
             MetaKind::RefcountBlock => "refcount block",
             MetaKind::SnapshotTable => "snapshot table",
             MetaKind::InactiveL1 => "inactive L1 table",
+            MetaKind::InactiveL2 => "inactive L2 table",
             MetaKind::BitmapDirectory => "bitmap directory",
+        }
+    }
+
+    /// The `overlap-check.*` option that guards this kind.
+    fn bit(self) -> u32 {
+        match self {
+            MetaKind::Header => overlap_bits::MAIN_HEADER,
+            MetaKind::ActiveL1 => overlap_bits::ACTIVE_L1,
+            MetaKind::ActiveL2 => overlap_bits::ACTIVE_L2,
+            MetaKind::RefcountTable => overlap_bits::REFCOUNT_TABLE,
+            MetaKind::RefcountBlock => overlap_bits::REFCOUNT_BLOCK,
+            MetaKind::SnapshotTable => overlap_bits::SNAPSHOT_TABLE,
+            MetaKind::InactiveL1 => overlap_bits::INACTIVE_L1,
+            MetaKind::InactiveL2 => overlap_bits::INACTIVE_L2,
+            MetaKind::BitmapDirectory => overlap_bits::BITMAP_DIRECTORY,
         }
     }
 }
 
 /// Which host clusters hold metadata, rebuilt when the tables change.
-#[derive(Default)]
 pub(super) struct OverlapIndex {
     generation: u64,
     built_for: Option<u64>,
     clusters: HashMap<u64, MetaKind>,
+    /// The kinds checked (`overlap-check` and its per-kind options).
+    mask: u32,
+    /// Host offsets of the snapshots' L2 tables, read when `INACTIVE_L2` is checked.
+    inactive_l2: Option<(u64, Vec<u64>)>,
+}
+
+impl Default for OverlapIndex {
+    fn default() -> Self {
+        OverlapIndex::with_mask(overlap_bits::CACHED)
+    }
 }
 
 impl OverlapIndex {
+    /// An index checking the kinds in `mask` ([`overlap_bits`]).
+    pub fn with_mask(mask: u32) -> Self {
+        OverlapIndex {
+            generation: 0,
+            built_for: None,
+            clusters: HashMap::new(),
+            mask,
+            inactive_l2: None,
+        }
+    }
+
     /// Notes that metadata locations changed.
     pub fn invalidate(&mut self) {
         self.generation += 1;
@@ -57,8 +95,9 @@ impl Meta {
         let geo = self.geo;
         let cs = geo.cluster_size();
         let mut map: HashMap<u64, MetaKind> = HashMap::new();
+        let mask = self.overlap.mask;
         let add_range = |map: &mut HashMap<u64, MetaKind>, off: u64, len: u64, kind: MetaKind| {
-            if len == 0 {
+            if len == 0 || mask & kind.bit() == 0 {
                 return;
             }
             let first = off / cs;
@@ -125,8 +164,46 @@ impl Meta {
                 MetaKind::BitmapDirectory,
             );
         }
+        if let Some((_, tables)) = &self.overlap.inactive_l2 {
+            for &off in tables {
+                add_range(&mut map, off, cs, MetaKind::InactiveL2);
+            }
+        }
         self.overlap.clusters = map;
         self.overlap.built_for = Some(self.overlap.generation);
+    }
+
+    /// With `overlap-check.inactive-l2`, reads the snapshots' L1 tables (once per change
+    /// of the tables) so that their L2 tables are guarded too. A snapshot whose L1 table
+    /// is invalid makes every checked write fail, as in QEMU.
+    pub(super) async fn load_inactive_l2(&mut self) -> Result<()> {
+        if self.overlap.mask & overlap_bits::INACTIVE_L2 == 0
+            || self
+                .overlap
+                .inactive_l2
+                .as_ref()
+                .is_some_and(|(g, _)| *g == self.overlap.generation)
+        {
+            return Ok(());
+        }
+        let mut tables = Vec::new();
+        for sn in &self.snapshots {
+            if sn.l1_size == 0 {
+                continue;
+            }
+            super::snapshot_ops::validate_snapshot_l1(&self.geo, sn)
+                .map_err(|e| Error::errno(e.errno_value()))?;
+            let l1 = super::open::read_u64_table(&self.file, sn.l1_table_offset, sn.l1_size as u64)
+                .await?;
+            tables.extend(
+                l1.iter()
+                    .map(|e| e & L1E_OFFSET_MASK)
+                    .filter(|&off| off != 0),
+            );
+        }
+        self.overlap.inactive_l2 = Some((self.overlap.generation, tables));
+        self.overlap.built_for = None;
+        Ok(())
     }
 
     /// The first kind of metadata `[offset, offset + len)` touches.
@@ -155,6 +232,7 @@ impl Meta {
         if self.has_data_file() {
             return Ok(());
         }
+        self.load_inactive_l2().await?;
         let mut hit = self.overlaps_metadata(host, bytes);
         for m in metas {
             let start = m.alloc_offset + m.cow_start.offset;

@@ -224,7 +224,8 @@ fn rc_err(e: super::refcount::RcError) -> Error {
     Error::from(e)
 }
 
-fn validate_snapshot_l1(geo: &Geometry, sn: &Snapshot) -> Result<()> {
+/// QEMU's checks of a snapshot's L1 table size and place.
+pub(super) fn validate_snapshot_l1(geo: &Geometry, sn: &Snapshot) -> Result<()> {
     if sn.l1_size as u64 > MAX_L1_BYTES / 8 {
         return Err(Error::other("Snapshot L1 table too large", libc::EFBIG));
     }
@@ -234,11 +235,23 @@ fn validate_snapshot_l1(geo: &Geometry, sn: &Snapshot) -> Result<()> {
     Ok(())
 }
 
+/// [`validate_snapshot_l1`] for callers that, as QEMU's do, print the table's fault
+/// and then fail with its errno alone.
+pub(super) fn validate_snapshot_l1_reported(geo: &Geometry, sn: &Snapshot) -> Result<()> {
+    validate_snapshot_l1(geo, sn).map_err(|e| {
+        crate::error::report(&e.to_string());
+        Error::errno(e.errno_value())
+    })
+}
+
 impl Qcow2 {
     /// Creates an internal snapshot of the current state.
     pub async fn snapshot_create(&self, new: NewSnapshot) -> Result<()> {
         self.check_writable()?;
         let mut m = self.meta.lock().await;
+        if m.snapshots.len() >= MAX_SNAPSHOTS as usize {
+            return Err(Error::errno(libc::EFBIG));
+        }
         if m.has_data_file() {
             return Err(Error::errno(libc::ENOTSUP));
         }
@@ -301,7 +314,7 @@ impl Qcow2 {
             return Err(Error::errno(libc::ENOENT));
         };
         let sn = m.snapshots[idx].clone();
-        validate_snapshot_l1(&m.geo, &sn)?;
+        validate_snapshot_l1_reported(&m.geo, &sn)?;
         if sn.disk_size != self.size() {
             drop(m);
             self.resize_for_snapshot(sn.disk_size).await?;
