@@ -14,6 +14,18 @@ use super::types::*;
 use super::{bitmaps, Qcow2};
 
 /// Counters of one check pass (QEMU's `BdrvCheckResult`).
+impl Res {
+    /// Adds the error counts of `other` (QEMU's `qcow2_add_check_result` without the
+    /// statistics).
+    fn add_counts(&mut self, other: &Res) {
+        self.corruptions += other.corruptions;
+        self.leaks += other.leaks;
+        self.check_errors += other.check_errors;
+        self.corruptions_fixed += other.corruptions_fixed;
+        self.leaks_fixed += other.leaks_fixed;
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Res {
     corruptions: u64,
@@ -898,6 +910,8 @@ impl Meta {
         let mut rebuild = false;
         self.calculate_refcounts(res, fix, &mut rebuild, &mut t, &mut nb_clusters)
             .await?;
+        // References just past the end of the file grew the table.
+        nb_clusters = nb_clusters.max(t.entries);
         let pre_compare = *res;
         let mut highest = 0;
         self.compare_refcounts(
@@ -1078,12 +1092,10 @@ impl Meta {
     async fn check_read_snapshot_table(&mut self, res: &mut Res, fix: RepairMode) -> Result<()> {
         let mut nb = self.h.nb_snapshots;
         if nb > MAX_SNAPSHOTS {
-            res.corruptions += 1;
-            crate::error::report(&format!(
-                "{} snapshot table too large",
-                if fix.errors { "Repairing" } else { "ERROR" }
-            ));
+            let overhang = (nb - MAX_SNAPSHOTS) as u64;
+            res.corruptions += overhang;
             if !fix.errors {
+                crate::error::report("ERROR snapshot table too large");
                 say(format!(
                     "You can force-remove all {} overhanging snapshots with qemu-img check -r all",
                     nb - MAX_SNAPSHOTS
@@ -1098,8 +1110,8 @@ impl Meta {
             self.sync().await?;
             nb = MAX_SNAPSHOTS;
             self.h.nb_snapshots = nb;
-            res.corruptions -= 1;
-            res.corruptions_fixed += 1;
+            res.corruptions -= overhang;
+            res.corruptions_fixed += overhang;
         }
         if !super::open::table_offset_valid(&self.geo, self.h.snapshots_offset, nb as u64, 40) {
             res.check_errors += 1;
@@ -1108,39 +1120,48 @@ impl Meta {
             self.h.nb_snapshots = 0;
             return Err(Error::errno(libc::EINVAL));
         }
-        match super::open::read_snapshots(&self.file, &self.h).await {
-            Ok(s) => {
-                self.snapshots = s;
-                // Version 3 entries must carry the 64-bit VM state size and the disk size.
-                let incomplete: Vec<usize> = if self.h.version >= 3 {
-                    (0..self.snapshots.len())
-                        .filter(|&i| self.snapshots[i].extra_len < 16)
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                for i in &incomplete {
+        let table = match super::snapshot::read_table(
+            &self.file,
+            self.h.snapshots_offset,
+            nb,
+            self.h.size,
+            fix.errors,
+        )
+        .await
+        {
+            Ok(t) => t,
+            Err(e) => {
+                res.check_errors += 1;
+                crate::error::report(&format!("ERROR failed to read the snapshot table: {e}"));
+                self.h.snapshots_offset = 0;
+                self.h.nb_snapshots = 0;
+                return Err(e);
+            }
+        };
+        self.snapshots = table.snapshots;
+        self.snapshot_extent = table.extent;
+        res.corruptions += table.extra_dropped + table.overhanging as u64;
+        if table.overhanging > 0 {
+            let kept = self.snapshots.len() as u32;
+            self.write_meta(60, &kept.to_be_bytes()).await?;
+            self.sync().await?;
+            self.h.nb_snapshots = kept;
+            res.corruptions -= table.overhanging as u64;
+            res.corruptions_fixed += table.overhanging as u64;
+        }
+        // Version 3 entries must carry the 64-bit VM state size and the disk size.
+        if self.h.version >= 3 {
+            for (i, s) in self.snapshots.iter().enumerate() {
+                if s.extra_len < 16 {
                     res.corruptions += 1;
                     say(format!(
                         "{} snapshot table entry {i} is incomplete",
                         if fix.errors { "Repairing" } else { "ERROR" }
                     ));
                 }
-                if fix.errors && !incomplete.is_empty() {
-                    self.write_snapshots().await?;
-                    res.corruptions -= incomplete.len() as u64;
-                    res.corruptions_fixed += incomplete.len() as u64;
-                }
-                Ok(())
-            }
-            Err(e) => {
-                res.check_errors += 1;
-                crate::error::report(&format!("ERROR failed to read the snapshot table: {e}"));
-                self.h.snapshots_offset = 0;
-                self.h.nb_snapshots = 0;
-                Err(e)
             }
         }
+        Ok(())
     }
 }
 
@@ -1148,9 +1169,12 @@ impl Meta {
 pub async fn check(q: &Qcow2, repair: RepairMode) -> Result<CheckReport> {
     let mut m = q.meta.lock().await;
     let mut res = Res::default();
+    // The snapshot table's own faults, counted apart: the refcount check runs on the
+    // table as found, and the table is rewritten after it.
+    let mut snap_res = Res::default();
     if q.opened_for_check && !m.snapshots_checked {
         m.snapshots_checked = true;
-        m.check_read_snapshot_table(&mut res, repair).await?
+        m.check_read_snapshot_table(&mut snap_res, repair).await?
     }
     // Unflushed metadata would look like inconsistencies; write it first.
     if !q.read_only {
@@ -1168,6 +1192,20 @@ pub async fn check(q: &Qcow2, repair: RepairMode) -> Result<CheckReport> {
         }
         res.check_errors = res.check_errors.max(1);
     }
+    if snap_res.corruptions > 0 && repair.errors {
+        if let Err(e) = m.write_snapshots().await {
+            snap_res.check_errors += 1;
+            say(format!(
+                "ERROR failed to update snapshot table: {}",
+                crate::error::strerror(e.errno_value())
+            ));
+            res.add_counts(&snap_res);
+            return Err(e);
+        }
+        snap_res.corruptions_fixed += snap_res.corruptions;
+        snap_res.corruptions = 0;
+    }
+    res.add_counts(&snap_res);
     if (repair.leaks || repair.errors) && res.check_errors == 0 && res.corruptions == 0 {
         m.mark_clean().await?;
         if m.h.incompatible_features & incompat::CORRUPT != 0 {

@@ -116,8 +116,9 @@ pub(super) struct Meta {
     pub next_alloc_id: u64,
     /// A backing node is attached.
     pub has_backing: bool,
-    /// Size of the snapshot table last written (0: derive it from the entries).
-    pub written_snapshot_size: u64,
+    /// Bytes the snapshot table occupies in the image, as read or last written (0:
+    /// derive it from the entries).
+    pub snapshot_extent: u64,
     /// The snapshot table was read by a check (opening in check mode skips it).
     pub snapshots_checked: bool,
     /// Where metadata lives, for overlap checks.

@@ -206,10 +206,14 @@ pub(super) async fn load(file: &NodeRef, opts: &Qcow2Options) -> Result<Meta> {
         return Err(Error::invalid("data-file-raw requires a data file"));
     }
     h.parse_backing_name(&cluster0)?;
+    let mut snapshot_extent = 0;
     let snapshots = if opts.check {
         Vec::new()
     } else {
-        read_snapshots(file, &h).await?
+        let t =
+            snapshot::read_table(file, h.snapshots_offset, h.nb_snapshots, h.size, false).await?;
+        snapshot_extent = t.extent;
+        t.snapshots
     };
 
     let rt = opts.runtime.resolve(&geo, h.size)?;
@@ -263,7 +267,7 @@ pub(super) async fn load(file: &NodeRef, opts: &Qcow2Options) -> Result<Meta> {
         next_alloc_id: 0,
         has_backing: false,
         snapshots_checked: false,
-        written_snapshot_size: 0,
+        snapshot_extent: snapshot_extent,
         overlap: super::overlap::OverlapIndex::with_mask(rt.overlap_mask),
         h,
     };
@@ -280,32 +284,4 @@ pub(super) async fn read_u64_table(file: &NodeRef, offset: u64, entries: u64) ->
         .chunks_exact(8)
         .map(|c| be64(c, 0))
         .collect())
-}
-
-/// Reads the snapshot table `h` points to.
-pub(super) async fn read_snapshots(file: &NodeRef, h: &Header) -> Result<Vec<snapshot::Snapshot>> {
-    if h.nb_snapshots == 0 {
-        return Ok(Vec::new());
-    }
-    // Entries are variable-sized: read a chunk, grow it as needed (bounded by the
-    // largest possible entry per snapshot).
-    let max_entry = 40 + snapshot::MAX_EXTRA_DATA as u64 + 2 * 65535;
-    let limit = (h.nb_snapshots as u64 * max_entry).min(64 << 20);
-    let mut want = (h.nb_snapshots as u64 * 128).min(limit);
-    loop {
-        let mut buf = vec![0u8; want as usize];
-        file.read(h.snapshots_offset, &mut buf).await.map_err(|e| {
-            Error::other(
-                format!("Failed to read snapshot table: {e}"),
-                e.errno_value(),
-            )
-        })?;
-        match snapshot::parse_table(&buf, h.nb_snapshots, h.size) {
-            Ok(s) => return Ok(s),
-            Err(e) if want < limit && e.to_string() == "Failed to read snapshot table" => {
-                want = (want * 2).min(limit);
-            }
-            Err(e) => return Err(e),
-        }
-    }
 }

@@ -184,7 +184,7 @@ impl Meta {
         let (old_off, old_size) = (self.h.snapshots_offset, self.snapshot_table_size());
         self.h.nb_snapshots = self.snapshots.len() as u32;
         self.h.snapshots_offset = offset;
-        self.written_snapshot_size = size;
+        self.snapshot_extent = size;
         for s in &mut self.snapshots {
             s.extra_len = EXTRA_DATA_LEN + s.unknown_extra.len() as u32;
         }
@@ -201,8 +201,8 @@ impl Meta {
         if self.h.nb_snapshots == 0 {
             return 0;
         }
-        if self.written_snapshot_size > 0 {
-            return self.written_snapshot_size;
+        if self.snapshot_extent > 0 {
+            return self.snapshot_extent;
         }
         let mut size = 0u64;
         for s in &self.snapshots {
