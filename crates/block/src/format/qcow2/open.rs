@@ -267,7 +267,7 @@ pub(super) async fn load(file: &NodeRef, opts: &Qcow2Options) -> Result<Meta> {
         next_alloc_id: 0,
         has_backing: false,
         snapshots_checked: false,
-        snapshot_extent: snapshot_extent,
+        snapshot_extent,
         overlap: super::overlap::OverlapIndex::with_mask(rt.overlap_mask),
         h,
     };
