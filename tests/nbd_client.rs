@@ -541,17 +541,76 @@ fn creation_on_an_existing_export() {
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(rqemu_block::protocol::nbd::create_existing(&url, 64 << 10))
+    let node = rt
+        .block_on(rqemu_block::protocol::nbd::create_existing(&url, 64 << 10))
         .expect("create on an existing export");
-    let grow = rt
-        .block_on(rqemu_block::protocol::nbd::create_existing(&url, 2 << 20))
-        .expect_err("exports cannot grow");
-    assert_eq!(grow.to_string(), "Cannot grow NBD nodes");
+    rt.block_on(node.close()).expect("close");
+    match rt.block_on(rqemu_block::protocol::nbd::create_existing(&url, 2 << 20)) {
+        Ok(_) => panic!("exports cannot grow"),
+        Err(e) => assert_eq!(e.to_string(), "Cannot grow NBD nodes"),
+    }
     drop(srv);
     // The first sector is zeroed, the rest is left alone.
     let data = std::fs::read(d.join("a.raw")).expect("image");
     assert!(data[..512].iter().all(|&b| b == 0));
     assert!(data[512..].iter().all(|&b| b == 0x55));
+}
+
+#[test]
+fn create_and_convert_onto_an_export() {
+    if !ready() {
+        return;
+    }
+    let s = Scratch::new("nbd-convert");
+    let d = s.path();
+    qemu_img(d, "create -q -f raw t.raw 2M");
+    qemu_img(d, "create -q -f qcow2 src.qcow2 64M");
+    io(d, "qemu-io", "src.qcow2", &["write -P 0x3c 1M 64k"]);
+    let srv = Server::start(d, "t", &["-f", "raw", "-x", "e"], "t.raw");
+    let url = format!("nbd+unix:///e?socket={}", srv.path());
+    // Messages and exit codes: a size the export cannot grow to, preallocation, success.
+    same(d, "qemu-img", &["create", "-f", "raw", &url, "4M"]);
+    same(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "raw",
+            "-o",
+            "preallocation=full",
+            &url,
+            "1M",
+        ],
+    );
+    same(d, "qemu-img", &["create", "-f", "qcow2", &url, "1G"]);
+    // A compressed qcow2 written into the export reads back as the source.
+    let c = run_in(
+        d,
+        &bin("rqemu-img").to_string_lossy(),
+        &[
+            "convert",
+            "-c",
+            "-f",
+            "qcow2",
+            "-O",
+            "qcow2",
+            "src.qcow2",
+            &url,
+        ],
+    );
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    for args in [
+        vec!["check", url.as_str()],
+        vec!["compare", "src.qcow2", url.as_str()],
+    ] {
+        let o = run_in(d, "qemu-img", &args);
+        assert!(
+            o.status.success(),
+            "qemu-img {args:?}: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
 }
 
 #[test]

@@ -192,8 +192,19 @@ pub async fn create(filename: &str, o: &crate::create::CreateOptions) -> Result<
             Some(p) => p,
         },
     };
-    let file = crate::format::qcow2::create::create_file(filename)?;
-    file.truncate(0, false, Prealloc::Off).await?;
+    if crate::protocol::nbd::is_nbd_filename(filename) {
+        if prealloc != Prealloc::Off {
+            return Err(Error::other(
+                format!("Unsupported preallocation mode '{}'", prealloc.name()),
+                libc::ENOTSUP,
+            ));
+        }
+        return crate::protocol::nbd::create_existing(filename, size)
+            .await?
+            .close()
+            .await;
+    }
+    let file = crate::format::qcow2::create::create_protocol_node(filename, 0).await?;
     let r = file.truncate(size, false, prealloc).await;
     let _ = file.close().await;
     r

@@ -177,6 +177,17 @@ impl Qcow2CreateParams {
 }
 
 /// Opens (creating and emptying) a file for a new image, locked as QEMU locks it.
+/// Creates the protocol node an image is laid out in: a new empty file, or an existing
+/// NBD export of at least `size` bytes (NBD cannot create).
+pub(crate) async fn create_protocol_node(filename: &str, size: u64) -> Result<NodeRef> {
+    if crate::protocol::nbd::is_nbd_filename(filename) {
+        return crate::protocol::nbd::create_existing(filename, size).await;
+    }
+    let file = create_file(filename)?;
+    file.truncate(0, false, Prealloc::Off).await?;
+    Ok(file)
+}
+
 pub(crate) fn create_file(filename: &str) -> Result<Arc<FileNode>> {
     let node = FileNode::open(&FileOptions {
         filename: filename.to_string(),
@@ -204,9 +215,7 @@ pub(crate) fn create_file(filename: &str) -> Result<Arc<FileNode>> {
 /// Creates a qcow2 image.
 pub async fn create(filename: &str, o: &CreateOptions) -> Result<()> {
     let p = Qcow2CreateParams::from_options(o)?;
-    let file = create_file(filename)?;
-    file.truncate(0, false, Prealloc::Off).await?;
-    let file_ref: NodeRef = file.clone();
+    let file_ref = create_protocol_node(filename, 0).await?;
     let data_ref: Option<NodeRef> = match &p.data_file {
         Some(d) => {
             // Like QEMU, the name is taken as it is (relative to the working directory).

@@ -102,7 +102,7 @@ pub fn open(filename: &str, kv: &mut KeyVal, read_only: bool) -> Result<Arc<NbdN
 /// Image creation on an NBD export, as QEMU does it for protocol drivers that cannot
 /// create: the export must exist and be at least `size` bytes long (it cannot grow), and
 /// its first sector is zeroed so that no stale header is probed afterwards.
-pub async fn create_existing(filename: &str, size: u64) -> Result<()> {
+pub async fn create_existing(filename: &str, size: u64) -> Result<crate::node::NodeRef> {
     let mut kv = KeyVal::new();
     let node = open(filename, &mut kv, false).map_err(|e| {
         Error::other(
@@ -126,7 +126,7 @@ pub async fn create_existing(filename: &str, size: u64) -> Result<()> {
                 errno: e.errno_value(),
             })?;
     }
-    node.close().await
+    Ok(node)
 }
 
 fn protocol_error(msg: &str) -> Error {
