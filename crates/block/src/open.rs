@@ -314,7 +314,7 @@ pub async fn open_node(
 fn unknown_driver(name: &str) -> Error {
     match name {
         "qcow" | "qed" | "vdi" | "vmdk" | "vpc" | "vhdx" | "luks" | "dmg" | "parallels"
-        | "bochs" | "cloop" => Error::unsupported(format!(
+        | "cloop" => Error::unsupported(format!(
             "Driver '{name}' is not supported by this build of rqemu"
         )),
         _ => Error::invalid(format!("Unknown driver '{name}'")),
@@ -346,6 +346,12 @@ async fn format_over(
 ) -> Result<NodeRef> {
     let writable = !flags.read_only;
     match format {
+        "bochs" => {
+            reject_unknown("bochs", &kv, false)?;
+            Ok(Arc::new(
+                crate::format::bochs::BochsNode::open(file_ref, flags.read_only).await?,
+            ))
+        }
         "raw" => {
             if probed && writable && !flags.quiet_probe {
                 eprintln!(

@@ -46,34 +46,13 @@ pub fn parse_pattern(s: &str) -> Result<u8, i32> {
     }
 }
 
-/// Splits a command line into words on blanks, honouring double quotes.
+/// Splits a command line into words on blanks. Quotes have no meaning: qemu-io keeps
+/// them in the word (so `json:{"a":"b"}` reaches the open command whole).
 pub fn split_words(line: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut cur = String::new();
-    let mut in_word = false;
-    let mut quoted = false;
-    for c in line.chars() {
-        match c {
-            '"' => {
-                quoted = !quoted;
-                in_word = true;
-            }
-            ' ' | '\t' | '\n' | '\r' if !quoted => {
-                if in_word {
-                    words.push(std::mem::take(&mut cur));
-                    in_word = false;
-                }
-            }
-            _ => {
-                cur.push(c);
-                in_word = true;
-            }
-        }
-    }
-    if in_word {
-        words.push(cur);
-    }
-    words
+    line.split([' ', '\t', '\n', '\r'])
+        .filter(|w| !w.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 #[cfg(test)]
@@ -88,6 +67,7 @@ mod tests {
             split_words("write -P 0x41  0 4k"),
             ["write", "-P", "0x41", "0", "4k"]
         );
+        assert_eq!(split_words("read -P \"1\" 0"), ["read", "-P", "\"1\"", "0"]);
         assert_eq!(parse_pattern("0x41"), Ok(0x41));
         assert_eq!(parse_pattern("65"), Ok(65));
     }
