@@ -37,3 +37,15 @@ pub use options::{AioMode, CacheMode, DetectZeroes, DiscardMode, OpenOptions};
 pub fn serde_json_value(m: serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
     serde_json::Value::Object(m)
 }
+
+/// Helpers for the unit tests of this crate.
+#[cfg(test)]
+pub(crate) mod test_util {
+    /// Runs `f` to completion on a fresh single-threaded runtime.
+    pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("test runtime")
+            .block_on(f)
+    }
+}

@@ -224,6 +224,7 @@ impl BlockDriver for BochsNode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::block_on;
 
     /// A one-extent growing image of `sectors` sectors with sector 1 holding 0xab.
     fn image(sectors: u64) -> Vec<u8> {
@@ -245,13 +246,6 @@ mod tests {
             h.extend(std::iter::repeat_n(if s == 1 { 0xab } else { 0xee }, 512));
         }
         h
-    }
-
-    fn block_on<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(f)
     }
 
     #[test]

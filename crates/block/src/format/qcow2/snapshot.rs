@@ -248,6 +248,7 @@ pub fn encode_table(snaps: &[Snapshot]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::block_on;
 
     #[test]
     fn round_trip() {
@@ -289,12 +290,5 @@ mod tests {
         assert_eq!(t.extra_dropped, 1);
         assert_eq!(t.snapshots[0].extra_len, MAX_EXTRA_DATA);
         assert_eq!(t.extent, 2040);
-    }
-
-    fn block_on<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(f)
     }
 }
