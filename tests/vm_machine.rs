@@ -164,7 +164,9 @@ fn vm_snapshot_leaves_image_unchanged() {
     scenario("snapshot");
 }
 
-/// `reboot` with `-no-reboot` ends the VMM with status 0 and no second boot.
+/// `reboot` with `-no-reboot` ends the VMM with status 0 and no second boot. The kernel
+/// here is an ELF vmlinux taken out of the bzImage and booted through PVH (the guest
+/// sees the PVH entry's loader id).
 #[test]
 fn vm_reboot_with_no_reboot_exits() {
     scenario("noreboot");
@@ -178,7 +180,9 @@ fn vm_reboot_boots_again() {
 
 /// Every cache mode and both aio engines (plus io_uring) pass the same write/read test,
 /// `readonly=on` gives a read-only disk, and an `-object iothread` disk with
-/// `-device virtio-blk-pci,num-queues=2,serial=` works.
+/// `-device virtio-blk-pci,num-queues=2,serial=` works. NBD drives served by qemu-nbd in
+/// all three spellings (`nbd://`, `nbd:HOST:PORT:exportname=`, `driver=nbd,server.*`):
+/// the guest reads what the host wrote and writes what the host then reads.
 #[test]
 fn vm_cache_modes_aio_readonly_iothread() {
     scenario("disks");

@@ -23,7 +23,7 @@ boot() {
     local name=$1 log=$2 attempt rc
     shift 2
     for attempt in 1 2; do
-        timeout -k 5 "${RQEMU_BOOT_TIMEOUT:-300}" "$VMM" -kernel "$KERNEL" -initrd "$INITRD" \
+        timeout -k 5 "${RQEMU_BOOT_TIMEOUT:-300}" "$VMM" -kernel "${BOOT_KERNEL:-$KERNEL}" -initrd "$INITRD" \
             -append "console=ttyS0 quiet loglevel=1 panic=-1 rqemu.test=$name" \
             -nographic "$@" </dev/null 2>&1 | tr -d '\r' > "$log"
         rc=${PIPESTATUS[0]}
@@ -90,12 +90,16 @@ scenario_snapshot() {
     qio -f qcow2 -c 'read -P 0xa5 1M 1M' "$S/ov.qcow2" || fail "image content changed"
 }
 
+# Also boots the kernel as an ELF vmlinux through PVH (taken out of the bzImage here).
 scenario_noreboot() {
     qemu-img create -q -f raw "$S/r1.raw" 16M
-    boot reboot "$S/noreboot.log" -no-reboot -drive file="$S/r1.raw",format=raw,if=virtio
+    vm_elf_kernel "$S/vmlinux" || { fail "no ELF vmlinux with a PVH note"; return; }
+    BOOT_KERNEL=$S/vmlinux boot reboot "$S/noreboot.log" -no-reboot -drive file="$S/r1.raw",format=raw,if=virtio
     local rc=$?
+    rm -f "$S/vmlinux"
     [ $rc = 0 ] || fail "VMM exit status $rc"
     want "$S/noreboot.log" "first-boot"
+    want "$S/noreboot.log" "loader=b0"
     grep -q '^RQ: second-boot' "$S/noreboot.log" && fail "guest booted again despite -no-reboot"
 }
 
@@ -106,13 +110,42 @@ scenario_reboot() {
     [ $rc = 0 ] || fail "VMM exit status $rc"
     want "$S/reboot.log" "first-boot"
     want "$S/reboot.log" "second-boot"
+    want "$S/reboot.log" "loader=ff"
     [ "$(grep -c '^RQ: init' "$S/reboot.log")" = 2 ] || fail "expected two boots"
+}
+
+# nbd_serve PORT IMAGE FORMAT EXPORT [qemu-nbd options]: serves IMAGE on 127.0.0.1:PORT.
+nbd_pids=""
+nbd_serve() {
+    local port=$1 img=$2 fmt=$3 name=$4 i
+    shift 4
+    qemu-nbd -t -b 127.0.0.1 -p "$port" -f "$fmt" -x "$name" "$@" "$img" >/dev/null 2>&1 &
+    nbd_pids="$nbd_pids $!"
+    for i in $(seq 50); do
+        qemu-nbd --list -b 127.0.0.1 -p "$port" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    fail "qemu-nbd on port $port did not start"
 }
 
 scenario_disks() {
     local f
     for f in none wb ds un io ro; do qemu-img create -q -f qcow2 "$S/d_$f.qcow2" 32M; done
     qemu-img create -q -f raw "$S/d_wt.raw" 32M
+    # NBD drives in the three spellings, served by qemu-nbd: a qcow2 image behind an
+    # nbd:// URL, a raw one behind nbd:HOST:PORT:exportname=, a read-only one through
+    # driver=nbd,server.*. Each holds 0x4e ('N') at 4 MiB for the guest to read.
+    qemu-img create -q -f qcow2 "$S/n_url.qcow2" 32M
+    qemu-img create -q -f raw "$S/n_legacy.raw" 32M
+    qemu-img create -q -f raw "$S/n_ro.raw" 32M
+    qio -f qcow2 -c 'write -P 0x4e 4M 1M' "$S/n_url.qcow2"
+    qio -f raw -c 'write -P 0x4e 4M 1M' "$S/n_legacy.raw"
+    qio -f raw -c 'write -P 0x4e 4M 1M' "$S/n_ro.raw"
+    ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up 2>/dev/null
+    local p=$((20000 + $$ % 20000))
+    nbd_serve $p "$S/n_url.qcow2" qcow2 url
+    nbd_serve $((p + 1)) "$S/n_legacy.raw" raw legacy
+    nbd_serve $((p + 2)) "$S/n_ro.raw" raw ro -r
     boot disks "$S/disks.log" -smp 2 -m 384 -object iothread,id=io0 \
         -drive file="$S/d_none.qcow2",if=virtio,cache=none,aio=native \
         -drive file="$S/d_wb.qcow2",if=virtio,cache=writeback,aio=threads \
@@ -121,21 +154,34 @@ scenario_disks() {
         -drive file="$S/d_un.qcow2",if=virtio,cache=unsafe,aio=io_uring \
         -drive file="$S/d_ro.qcow2",if=virtio,readonly=on \
         -drive file="$S/d_io.qcow2",if=none,id=dio,cache=none,aio=io_uring \
-        -device virtio-blk-pci,drive=dio,iothread=io0,num-queues=2,serial=IOTHREAD0
+        -device virtio-blk-pci,drive=dio,iothread=io0,num-queues=2,serial=IOTHREAD0 \
+        -drive file=nbd://127.0.0.1:$p/url,format=raw,if=virtio,serial=NBD_URL \
+        -drive file=nbd:127.0.0.1:$((p + 1)):exportname=legacy,format=raw,if=virtio,serial=NBD_LEGACY \
+        -drive driver=nbd,server.type=inet,server.host=127.0.0.1,server.port=$((p + 2)),export=ro,readonly=on,if=virtio,serial=NBD_RO
     local rc=$?
+    kill $nbd_pids 2>/dev/null
+    wait $nbd_pids 2>/dev/null
+    nbd_pids=""
     [ $rc = 0 ] || fail "VMM exit status $rc"
     local l
-    for l in a b c d e g; do want "$S/disks.log" "vd$l rw=ok"; done
+    for l in a b c d e g h j; do want "$S/disks.log" "vd$l rw=ok"; done
     want "$S/disks.log" "vdf ro-write=refused"
+    want "$S/disks.log" "vdi ro-write=refused"
+    for l in g h i; do want "$S/disks.log" "vd$l nbd-read=ok"; done
+    qemu-img check -q "$S/n_url.qcow2" || fail "qemu-img check n_url.qcow2"
+    qio -f qcow2 -c 'read -P 0x67 1M 1M' "$S/n_url.qcow2" || fail "pattern g not in the nbd:// image"
+    qio -f raw -c 'read -P 0x68 1M 1M' "$S/n_legacy.raw" || fail "pattern h not in the nbd: image"
+    qio -f raw -c 'read -P 0 0 4M' "$S/n_ro.raw" || fail "read-only nbd image was written"
     grep -q '^RQ: vda .*wc=write_back' "$S/disks.log" || fail "cache=none must show a write-back cache"
     grep -q '^RQ: vdc .*wc=write_through' "$S/disks.log" || fail "cache=writethrough must show a write-through cache"
     grep -q '^RQ: vdd .*wc=write_through' "$S/disks.log" || fail "cache=directsync must show a write-through cache"
-    grep -q '^RQ: vdg serial=IOTHREAD0 .*queues=2 ' "$S/disks.log" || fail "-device serial/num-queues not seen"
-    local i=0 img
-    for img in d_none.qcow2 d_wb.qcow2 d_wt.raw d_ds.qcow2 d_un.qcow2 d_ro.qcow2 d_io.qcow2; do
-        local letter=$(printf "\\x$(printf %x $((0x61 + i)))")
-        local hex=$(printf '0x%x' $((0x61 + i)))
-        i=$((i + 1))
+    grep -q '^RQ: vdj serial=IOTHREAD0 .*queues=2 ' "$S/disks.log" || fail "-device serial/num-queues not seen"
+    # Guest disk letters follow PCI order: the if=virtio drives, then -device.
+    local entry img letter hex
+    for entry in d_none.qcow2:a d_wb.qcow2:b d_wt.raw:c d_ds.qcow2:d d_un.qcow2:e d_ro.qcow2:f d_io.qcow2:j; do
+        img=${entry%:*}
+        letter=${entry#*:}
+        hex=$(printf '0x%x' "'$letter")
         case $img in
             *.qcow2) qemu-img check -q "$S/$img" || fail "qemu-img check $img" ;;
         esac
@@ -154,6 +200,7 @@ for n in $names; do
     t0=$(date +%s)
     "scenario_$n"
     out=$(report "$n" "$t0" "$S/$n.log")
+    fails=""
     echo "$out"
     case $out in "SCENARIO $n FAIL"*) overall=1 ;; esac
 done

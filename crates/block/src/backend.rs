@@ -143,6 +143,37 @@ impl BlockBackend {
         self.root.write(offset, buf, flags).await
     }
 
+    /// Reads into the buffers of `bufs` in turn, as one request at `offset`.
+    pub async fn readv(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        let len = crate::iov::len_mut(bufs) as u64;
+        self.check_request(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.root.readv(offset, bufs).await
+    }
+
+    /// Writes the buffers of `bufs` in turn, as one request at `offset`; `fua` makes it
+    /// durable before completion.
+    pub async fn writev(&self, offset: u64, bufs: &[&[u8]], fua: bool) -> Result<()> {
+        self.check_writable()?;
+        let len = crate::iov::len(bufs) as u64;
+        self.check_request(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let mut flags = self.write_flags(WriteFlags {
+            fua,
+            ..WriteFlags::NONE
+        });
+        if self.state.detect_zeroes != DetectZeroes::Off && bufs.iter().all(|b| is_zero(b)) {
+            flags.may_unmap = self.state.detect_zeroes == DetectZeroes::Unmap
+                && self.state.discard == DiscardMode::Unmap;
+            return self.root.write_zeroes(offset, len, flags).await;
+        }
+        self.root.writev(offset, bufs, flags).await
+    }
+
     /// Writes zeroes; `may_unmap` lets the range be deallocated if discard is enabled.
     pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_writable()?;

@@ -20,6 +20,7 @@ pub mod error;
 pub mod format;
 pub mod graph;
 pub mod info;
+pub mod iov;
 pub mod node;
 pub mod open;
 pub mod options;

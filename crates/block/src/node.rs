@@ -225,6 +225,51 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// Writes `buf` at `offset`.
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()>;
 
+    /// Reads into the buffers of `bufs` in turn, as one request at `offset` (a vectored
+    /// read: QEMU's `preadv`). Drivers that can pass vectors down override this; the
+    /// default reads through a bounce buffer of at most [`crate::iov::BOUNCE_BYTES`].
+    async fn readv(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        match bufs {
+            [] => Ok(()),
+            [one] => self.read(offset, one).await,
+            _ => {
+                let total = crate::iov::len_mut(bufs);
+                let mut bounce = vec![0u8; total.min(crate::iov::BOUNCE_BYTES)];
+                let mut done = 0;
+                while done < total {
+                    let n = (total - done).min(bounce.len());
+                    self.read(offset + done as u64, &mut bounce[..n]).await?;
+                    crate::iov::scatter(&mut crate::iov::sub_mut(bufs, done, n), &bounce[..n]);
+                    done += n;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes the buffers of `bufs` in turn, as one request at `offset` (a vectored
+    /// write). The default gathers them into a bounce buffer of at most
+    /// [`crate::iov::BOUNCE_BYTES`] and writes that, piece by piece.
+    async fn writev(&self, offset: u64, bufs: &[&[u8]], flags: WriteFlags) -> Result<()> {
+        match bufs {
+            [] => Ok(()),
+            [one] => self.write(offset, one, flags).await,
+            _ => {
+                let total = crate::iov::len(bufs);
+                let mut bounce = vec![0u8; total.min(crate::iov::BOUNCE_BYTES)];
+                let mut done = 0;
+                while done < total {
+                    let n = (total - done).min(bounce.len());
+                    crate::iov::gather(&crate::iov::sub(bufs, done, n), &mut bounce[..n]);
+                    self.write(offset + done as u64, &bounce[..n], flags)
+                        .await?;
+                    done += n;
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Writes `len` zero bytes at `offset`, deallocating if `flags.may_unmap` allows.
     async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()>;
 

@@ -380,8 +380,8 @@ fn boot(
         regs::setup_fpu(&fd)?;
         regs::setup_lint(&fd)?;
         if i == 0 {
-            regs::setup_boot_regs(&fd, loaded.entry)?;
-            regs::setup_boot_sregs(&fd, &mem)?;
+            regs::setup_boot_regs(&fd, loaded.entry, loaded.pvh)?;
+            regs::setup_boot_sregs(&fd, &mem, loaded.pvh)?;
         }
         vcpus.push(fd);
     }

@@ -133,6 +133,20 @@ impl BlockDriver for RawNode {
         self.file.write(self.offset + offset, buf, flags).await
     }
 
+    async fn readv(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        self.file.readv(self.offset + offset, bufs).await
+    }
+
+    async fn writev(&self, offset: u64, bufs: &[&[u8]], flags: WriteFlags) -> Result<()> {
+        if self.probed && offset < PROBE_BYTES as u64 {
+            let head = crate::iov::sub(bufs, 0, PROBE_BYTES - offset as usize);
+            let mut probe = vec![0u8; crate::iov::len(&head)];
+            crate::iov::gather(&head, &mut probe);
+            self.check_sector0(offset, &probe).await?;
+        }
+        self.file.writev(self.offset + offset, bufs, flags).await
+    }
+
     async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
         if self.probed && offset < PROBE_BYTES as u64 {
             let n = (PROBE_BYTES as u64 - offset).min(len) as usize;

@@ -1,12 +1,14 @@
-//! Linux direct boot: the kernel (bzImage, or an ELF vmlinux entered at its 64-bit entry
-//! point), the initrd at the top of low RAM, the command line, and the zero page with the
-//! E820 map and the RSDP address.
+//! Linux direct boot: the kernel (bzImage; or an ELF vmlinux, entered through PVH when it
+//! carries the PVH entry note, else at its 64-bit entry point), the initrd at the top of
+//! low RAM, the command line, and the zero page with the E820 map and the RSDP address
+//! (plus, for PVH, the `hvm_start_info` of [`super::pvh`]).
 
 use std::fs::File;
 use std::path::Path;
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{bzimage::BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::*;
@@ -15,8 +17,10 @@ use crate::error::{Error, Result};
 /// Where the kernel was put and where the boot vCPU starts.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadedKernel {
-    /// The 64-bit entry point.
+    /// The entry point: 64-bit, or PVH's 32-bit one.
     pub entry: u64,
+    /// Entered through PVH (32-bit protected mode, `ebx` at the start info).
+    pub pvh: bool,
 }
 
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -39,13 +43,16 @@ pub fn load_linux(
         Error::Boot(format!("could not load kernel '{}': {e}", kernel.display()))
     };
     let mut file = File::open(kernel).map_err(kerr)?;
-    let (entry, header, kernel_end) =
+    let (entry, header, kernel_end, pvh) =
         match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
-            Ok(r) => (r.kernel_load.0 + 0x200, r.setup_header, r.kernel_end),
+            Ok(r) => (r.kernel_load.0 + 0x200, r.setup_header, r.kernel_end, false),
             Err(bz_err) => {
                 let mut file = File::open(kernel).map_err(kerr)?;
                 match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
-                    Ok(r) => (r.kernel_load.0, None, r.kernel_end),
+                    Ok(r) => match r.pvh_boot_cap {
+                        PvhBootCapability::PvhEntryPresent(at) => (at.0, None, r.kernel_end, true),
+                        _ => (r.kernel_load.0, None, r.kernel_end, false),
+                    },
                     Err(_) => {
                         return Err(Error::Boot(format!(
                             "could not load kernel '{}': {bz_err}",
@@ -85,6 +92,7 @@ pub fn load_linux(
     params.hdr.cmdline_size = bytes.len() as u32;
 
     let low_end = mem_size.min(MEM_32BIT_GAP_START);
+    let mut loaded_initrd = None;
     if let Some(path) = initrd {
         let data = std::fs::read(path)
             .map_err(|e| Error::Boot(format!("could not load initrd '{}': {e}", path.display())))?;
@@ -106,6 +114,7 @@ pub fn load_linux(
             })?;
         mem.write_slice(&data, GuestAddress(addr))
             .map_err(|e| Error::Boot(format!("cannot write the initrd: {e}")))?;
+        loaded_initrd = Some((addr, size));
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
     }
@@ -122,5 +131,8 @@ pub fn load_linux(
     params.e820_entries = map.len() as u8;
     mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
         .map_err(|e| Error::Boot(format!("cannot write the zero page: {e}")))?;
-    Ok(LoadedKernel { entry })
+    if pvh {
+        super::pvh::write_start_info(mem, mem_size, loaded_initrd, rsdp)?;
+    }
+    Ok(LoadedKernel { entry, pvh })
 }

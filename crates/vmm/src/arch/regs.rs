@@ -1,6 +1,7 @@
 //! The boot vCPU's starting state for Linux's 64-bit boot protocol: long mode with an
 //! identity map of the first GiB, a flat GDT with `__BOOT_CS` (0x10) and `__BOOT_DS`
-//! (0x18), `rsi` at the zero page; plus FPU, MSR and local APIC defaults for every vCPU.
+//! (0x18), `rsi` at the zero page; or for PVH: flat 32-bit protected mode without paging,
+//! `ebx` at the start info. Plus FPU, MSR and local APIC defaults for every vCPU.
 
 use kvm_bindings::{
     kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
@@ -57,12 +58,17 @@ fn mem_err(what: &'static str) -> impl FnOnce(vm_memory::GuestMemoryError) -> Er
     }
 }
 
-/// Writes the GDT, IDT and identity page tables, and puts the boot vCPU in long mode.
-pub fn setup_boot_sregs(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Result<()> {
+/// Writes the GDT and IDT and puts the boot vCPU in long mode with identity page tables,
+/// or (`pvh`) in 32-bit protected mode without paging.
+pub fn setup_boot_sregs(vcpu: &VcpuFd, mem: &GuestMemoryMmap, pvh: bool) -> Result<()> {
     let gdt = [
         0,
         0,
-        gdt_entry(0xa09b, 0, 0xfffff), // 0x10: 64-bit code
+        if pvh {
+            gdt_entry(0xc09b, 0, 0xfffff) // 0x10: 32-bit code
+        } else {
+            gdt_entry(0xa09b, 0, 0xfffff) // 0x10: 64-bit code
+        },
         gdt_entry(0xc093, 0, 0xfffff), // 0x18: data
         gdt_entry(0x808b, 0, 0xfffff), // 0x20: TSS
     ];
@@ -95,6 +101,12 @@ pub fn setup_boot_sregs(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Result<()> {
     sregs.gs = data;
     sregs.ss = data;
     sregs.tr = tss;
+    if pvh {
+        sregs.cr0 = (sregs.cr0 | X86_CR0_PE) & !X86_CR0_PG;
+        sregs.cr4 = 0;
+        sregs.efer = 0;
+        return vcpu.set_sregs(&sregs).map_err(Error::kvm("KVM_SET_SREGS"));
+    }
     sregs.cr0 |= X86_CR0_PE | X86_CR0_PG;
     sregs.cr3 = PML4_START;
     sregs.cr4 |= X86_CR4_PAE;
@@ -102,9 +114,10 @@ pub fn setup_boot_sregs(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Result<()> {
     vcpu.set_sregs(&sregs).map_err(Error::kvm("KVM_SET_SREGS"))
 }
 
-/// General registers at the kernel's 64-bit entry point.
-pub fn setup_boot_regs(vcpu: &VcpuFd, entry: u64) -> Result<()> {
-    let regs = kvm_regs {
+/// General registers at the kernel's 64-bit entry point (`rsi` at the zero page), or at
+/// the PVH entry point (`rbx` at the start info).
+pub fn setup_boot_regs(vcpu: &VcpuFd, entry: u64, pvh: bool) -> Result<()> {
+    let mut regs = kvm_regs {
         rflags: 0x2,
         rip: entry,
         rsp: BOOT_STACK_POINTER,
@@ -112,6 +125,10 @@ pub fn setup_boot_regs(vcpu: &VcpuFd, entry: u64) -> Result<()> {
         rsi: ZERO_PAGE_START,
         ..Default::default()
     };
+    if pvh {
+        regs.rsi = 0;
+        regs.rbx = super::pvh::START_INFO;
+    }
     vcpu.set_regs(&regs).map_err(Error::kvm("KVM_SET_REGS"))
 }
 

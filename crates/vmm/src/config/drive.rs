@@ -196,6 +196,10 @@ pub fn parse_drive(arg: &str, auto_index: usize, snapshot: bool) -> Result<Drive
                     )))
                 }
             },
+            "driver" => open.format = Some(value),
+            // Options of the NBD protocol driver (`driver=nbd,server.type=inet,...`).
+            "export" | "tls-creds" | "tls-hostname" | "x-dirty-bitmap" | "reconnect-delay"
+            | "open-timeout" => passthrough.set(&key, &value),
             "copy-on-read" | "auto-read-only" | "force-share" | "locking" => {
                 passthrough.set(&key, &value)
             }
@@ -242,7 +246,8 @@ pub fn parse_drive(arg: &str, auto_index: usize, snapshot: bool) -> Result<Drive
     if cdrom {
         open.read_only = true;
     }
-    if open.filename.is_empty() && !passthrough.contains("file.filename") {
+    let protocol_driver = matches!(open.format.as_deref(), Some("nbd"));
+    if open.filename.is_empty() && !passthrough.contains("file.filename") && !protocol_driver {
         return Err(Error::usage(format!(
             "{opt}: A block device must be specified for \"file\""
         )));

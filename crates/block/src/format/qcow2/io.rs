@@ -47,6 +47,39 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Vectored guest read: ranges stored in data clusters go to the data file as
+    /// sub-vectors of `bufs` (one vectored request per contiguous host range); the rest
+    /// (backing, zero, compressed) takes the plain path piece by piece.
+    pub(super) async fn readv_guest(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        let total = crate::iov::len_mut(bufs);
+        let mut done = 0usize;
+        while done < total {
+            let pos = offset + done as u64;
+            let want = (total - done) as u64;
+            let mapping = {
+                let mut m = self.meta.lock().await;
+                let r = m.get_host_offset(pos, want).await;
+                self.with_meta(&mut m, r).await?
+            };
+            let n = mapping.len.min(want) as usize;
+            let mut sub = crate::iov::sub_mut(bufs, done, n);
+            match mapping.ty {
+                ScType::Normal => self.data().readv(mapping.host, &mut sub).await?,
+                ScType::ZeroPlain | ScType::ZeroAlloc => crate::iov::fill(&mut sub, 0),
+                ScType::Invalid => return Err(Error::errno(libc::EIO)),
+                _ => {
+                    let mut at = pos;
+                    for piece in sub.iter_mut() {
+                        self.read_guest(at, piece).await?;
+                        at += piece.len() as u64;
+                    }
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
     async fn read_backing(&self, pos: u64, chunk: &mut [u8]) -> Result<()> {
         let Some(b) = self.backing_node() else {
             chunk.fill(0);

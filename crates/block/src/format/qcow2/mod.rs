@@ -306,6 +306,11 @@ impl BlockDriver for Qcow2 {
         self.read_guest(offset, buf).await
     }
 
+    async fn readv(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        self.check_alive()?;
+        self.readv_guest(offset, bufs).await
+    }
+
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
         self.check_writable()?;
         let r = self.write_guest(offset, buf).await;

@@ -31,6 +31,18 @@ pub(crate) enum Op {
         len: usize,
         offset: u64,
     },
+    /// `preadv(fd, iov, cnt, offset)`.
+    Readv {
+        iov: *const libc::iovec,
+        cnt: usize,
+        offset: u64,
+    },
+    /// `pwritev(fd, iov, cnt, offset)`.
+    Writev {
+        iov: *const libc::iovec,
+        cnt: usize,
+        offset: u64,
+    },
     /// `fdatasync(fd)`.
     Fdatasync,
     /// `fallocate(fd, mode, offset, len)`.
@@ -45,8 +57,9 @@ impl Op {
     /// Runs the call on the current thread; returns the result or `-errno`.
     pub(crate) fn run_blocking(&self, fd: RawFd) -> isize {
         // SAFETY: for Read/Write the pointer and length describe a buffer borrowed by the
-        // IoFuture for this operation, alive until the operation completes; the other
-        // calls take no pointers.
+        // IoFuture for this operation, alive until the operation completes; for
+        // Readv/Writev the iovec array and every buffer it points at are kept alive the
+        // same way; the other calls take no pointers.
         let ret = unsafe {
             match *self {
                 Op::Read { buf, len, offset } => {
@@ -54,6 +67,12 @@ impl Op {
                 }
                 Op::Write { buf, len, offset } => {
                     libc::pwrite(fd, buf.cast(), len, offset as libc::off_t)
+                }
+                Op::Readv { iov, cnt, offset } => {
+                    libc::preadv(fd, iov, cnt as libc::c_int, offset as libc::off_t)
+                }
+                Op::Writev { iov, cnt, offset } => {
+                    libc::pwritev(fd, iov, cnt as libc::c_int, offset as libc::off_t)
                 }
                 Op::Fdatasync => libc::fdatasync(fd) as isize,
                 Op::Fallocate { mode, offset, len } => {

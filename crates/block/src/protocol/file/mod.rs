@@ -5,7 +5,8 @@
 //! call inline with `RWF_NOWAIT`, which succeeds whenever the page cache can serve it
 //! without blocking, and only go to the engine when it cannot. With O_DIRECT, requests that
 //! are not aligned to the probed block size go through aligned bounce buffers
-//! ([`direct`]). Zero writes and discards punch holes where the file system allows.
+//! ([`direct`]). Vectored requests go down whole as `preadv`/`pwritev` ([`vectored`]).
+//! Zero writes and discards punch holes where the file system allows.
 //! Image locking follows QEMU's lock-byte protocol ([`lock`]).
 
 mod direct;
@@ -13,6 +14,7 @@ mod engine;
 mod lock;
 mod threads;
 mod uring;
+mod vectored;
 
 use std::any::Any;
 use std::fs::File;
@@ -452,6 +454,22 @@ impl BlockDriver for FileNode {
             return direct::read_unaligned(self, offset, buf).await;
         }
         self.pread_full(offset, buf).await
+    }
+
+    async fn readv(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        match bufs {
+            [] => Ok(()),
+            [one] => self.read(offset, one).await,
+            _ => self.readv_impl(offset, bufs).await,
+        }
+    }
+
+    async fn writev(&self, offset: u64, bufs: &[&[u8]], flags: WriteFlags) -> Result<()> {
+        match bufs {
+            [] => Ok(()),
+            [one] => self.write(offset, one, flags).await,
+            _ => self.writev_impl(offset, bufs, flags).await,
+        }
     }
 
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {

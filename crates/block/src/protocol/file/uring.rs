@@ -71,6 +71,12 @@ impl Engine for Arc<Uring> {
             Op::Write { buf, len, offset } => opcode::Write::new(fd, buf, len as u32)
                 .offset(offset)
                 .build(),
+            Op::Readv { iov, cnt, offset } => opcode::Readv::new(fd, iov, cnt as u32)
+                .offset(offset)
+                .build(),
+            Op::Writev { iov, cnt, offset } => opcode::Writev::new(fd, iov, cnt as u32)
+                .offset(offset)
+                .build(),
             Op::Fdatasync => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),

@@ -1,10 +1,12 @@
 //! Parsing a virtio-blk request from a descriptor chain, validating everything the guest
 //! controls: descriptor order (device-readable before device-writable), the header's
-//! length and type, data lengths (whole sectors, inside the disk, inside guest memory),
+//! length and type, data lengths (whole sectors, at most the block layer's largest request
+//! as QEMU's `BDRV_REQUEST_MAX_BYTES`, inside the disk, inside guest memory),
 //! the status byte's place, and discard/write-zeroes segments.
 //!
 //! The parser never touches data buffers; it returns guest ranges the executor uses.
 
+use rqemu_block::backend::MAX_REQUEST_BYTES;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// `VIRTIO_BLK_T_IN`.
@@ -225,7 +227,7 @@ pub fn parse(descs: &[Desc], mem: &GuestMemoryMmap, capacity: u64) -> Result<Req
             let data = if rtype == T_IN { writable } else { payload };
             let len = sum(&data);
             let offset = sector.checked_mul(SECTOR);
-            if len % SECTOR != 0 || !range_ok(offset, len) {
+            if len % SECTOR != 0 || len > MAX_REQUEST_BYTES || !range_ok(offset, len) {
                 return Err(ioerr);
             }
             let offset = offset.unwrap_or(0);

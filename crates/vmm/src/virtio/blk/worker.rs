@@ -1,7 +1,8 @@
 //! Serving one virtio-blk queue on an I/O thread.
 //!
 //! The task waits for the queue's kick eventfd, pops every available chain (with
-//! notifications suppressed while it drains), and runs the requests concurrently. Each
+//! notifications suppressed while it drains), and runs the requests concurrently, each
+//! as one vectored block-layer request over its guest buffers. Each
 //! completion writes the status byte and a used-ring entry; the guest is interrupted once
 //! per batch of completions, when the ring's event index asks for it.
 //!
@@ -45,8 +46,8 @@ fn host_slice<'a>(mem: &'a GuestMemoryMmap, seg: &Segment) -> Option<&'a mut [u8
 
 /// The request's buffers as host slices, with segments that are adjacent in host memory
 /// merged: one slice for a buffer that is contiguous in the guest. The runs of one
-/// request are disjoint parts of the disk and go to the backend concurrently, each
-/// straight into or out of guest memory.
+/// request go to the backend as one vectored request, straight into or out of guest
+/// memory.
 #[allow(clippy::mut_from_ref)] // guest memory is shared, mutable memory by nature
 fn host_runs<'a>(mem: &'a GuestMemoryMmap, segs: &[Segment]) -> Option<Vec<&'a mut [u8]>> {
     let mut runs: Vec<&'a mut [u8]> = Vec::new();
@@ -84,25 +85,18 @@ pub async fn run(disk: &Disk, req: &Request, mem: &GuestMemoryMmap) -> u8 {
     let result: Result<(), ()> = async {
         match req.kind {
             Kind::Read { offset } => {
-                let runs = host_runs(mem, &req.data).ok_or(())?;
-                let mut off = offset;
-                let reads = runs.into_iter().map(|buf| {
-                    let at = off;
-                    off += buf.len() as u64;
-                    disk.backend.read(at, buf)
-                });
-                futures::future::try_join_all(reads).await.map_err(|_| ())?;
+                let mut runs = host_runs(mem, &req.data).ok_or(())?;
+                disk.backend
+                    .readv(offset, &mut runs)
+                    .await
+                    .map_err(|_| ())?;
             }
             Kind::Write { offset } => {
                 let fua = !disk.wce.load(Ordering::Relaxed);
                 let runs = host_runs(mem, &req.data).ok_or(())?;
-                let mut off = offset;
-                let writes = runs.into_iter().map(|buf| {
-                    let at = off;
-                    off += buf.len() as u64;
-                    disk.backend.write(at, &*buf, fua)
-                });
-                futures::future::try_join_all(writes)
+                let runs: Vec<&[u8]> = runs.into_iter().map(|r| &*r).collect();
+                disk.backend
+                    .writev(offset, &runs, fua)
                     .await
                     .map_err(|_| ())?;
             }
