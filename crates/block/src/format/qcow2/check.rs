@@ -898,6 +898,9 @@ impl Meta {
         let mut rebuild = false;
         self.calculate_refcounts(res, fix, &mut rebuild, &mut t, &mut nb_clusters)
             .await?;
+        // References past the end of the file grew the table: compare those too (an
+        // unaligned data cluster reaches into the cluster after it).
+        nb_clusters = nb_clusters.max(t.entries);
         let pre_compare = *res;
         let mut highest = 0;
         self.compare_refcounts(
@@ -927,6 +930,7 @@ impl Meta {
                 &mut nb_clusters,
             )
             .await?;
+            nb_clusters = nb_clusters.max(t.entries);
             if fix.leaks {
                 let saved = *res;
                 *res = Res::default();
