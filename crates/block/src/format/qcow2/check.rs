@@ -1115,6 +1115,8 @@ impl Meta {
         match super::open::read_snapshots(&self.file, &self.h).await {
             Ok(s) => {
                 self.snapshots = s;
+                self.written_snapshot_size = 0;
+                self.written_snapshot_size = self.snapshot_table_size();
                 // Version 3 entries must carry the 64-bit VM state size and the disk size.
                 let incomplete: Vec<usize> = if self.h.version >= 3 {
                     (0..self.snapshots.len())

@@ -322,6 +322,9 @@ pub(super) async fn load(file: &NodeRef, opts: &Qcow2Options) -> Result<Meta> {
         h,
     };
     meta.update_max_reftable_index();
+    // The size of the table as stored: what is freed when a new table replaces it
+    // (the entries change before that).
+    meta.written_snapshot_size = meta.snapshot_table_size();
     Ok(meta)
 }
 
