@@ -17,6 +17,7 @@ pub mod backend;
 pub mod buffer;
 pub mod create;
 pub mod error;
+pub mod filter;
 pub mod format;
 pub mod graph;
 pub mod info;

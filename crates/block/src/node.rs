@@ -11,6 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::error::{Error, Result};
+pub use crate::filter::blkdebug::Event as DebugEvent;
 use crate::info::{CheckReport, FormatInfo, RepairMode, SnapshotInfo};
 
 /// A shared handle to a node of the graph.
@@ -218,6 +219,11 @@ pub trait BlockDriver: Send + Sync + 'static {
 
     /// The driver as `Any`, to reach format-specific operations.
     fn as_any(&self) -> &dyn Any;
+
+    /// Announces a debug event to this node (QEMU's `BLKDBG_EVENT`): format drivers
+    /// fire them on their `file` child at the points QEMU does. Only blkdebug nodes
+    /// react (arming error rules, switching state, stopping at breakpoints).
+    async fn debug_event(&self, _ev: DebugEvent) {}
 
     /// Reads `buf.len()` bytes at `offset`.
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;

@@ -45,7 +45,7 @@ fn is_protocol_name(name: &str) -> bool {
                     .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '_')
                 && matches!(
                     p,
-                    "nbd" | "nbd+unix" | "nbd+tcp" | "file" | "http" | "https"
+                    "nbd" | "nbd+unix" | "nbd+tcp" | "file" | "http" | "https" | "blkdebug"
                 )
         }
         None => false,
@@ -183,6 +183,25 @@ pub async fn open_node(
     if let Some(d) = kv.take("detect-zeroes") {
         crate::options::DetectZeroes::parse(&d)?;
     }
+    // A json: filename (a backing file may be named so).
+    let mut format = format;
+    let json_driver;
+    let mut filename = filename;
+    if let Some(json) = filename.strip_prefix("json:") {
+        let mut parsed =
+            rqemu_opts::parse_json_filename(json).map_err(|e| Error::invalid(e.to_string()))?;
+        parsed.merge(&kv);
+        kv = parsed;
+        json_driver = kv.take("driver");
+        if format.is_none() {
+            format = json_driver.as_deref();
+        }
+        filename = "";
+    }
+    if format == Some("blkdebug") {
+        let (node, _) = open_blkdebug(filename, kv, flags, cache, false, chain).await?;
+        return Ok(node);
+    }
     // Null devices (driver=null-co / null-aio).
     if let Some(name @ ("null-co" | "null-aio")) = format {
         let name = if name == "null-co" {
@@ -260,20 +279,28 @@ pub async fn open_node(
     file_kv.take("auto-read-only");
     let nbd = proto.as_deref() == Some("nbd")
         || (proto.is_none() && crate::protocol::nbd::is_nbd_filename(&fname));
-    if fname.is_empty() && !nbd {
+    if fname.is_empty() && !nbd && proto.as_deref() != Some("blkdebug") {
         return Err(Error::invalid(
             "A block device must be specified for \"file\"",
         ));
     }
     match proto.as_deref() {
-        None | Some("file") | Some("host_device") | Some("host_cdrom") | Some("nbd") => {}
+        None | Some("file") | Some("host_device") | Some("host_cdrom") | Some("nbd")
+        | Some("blkdebug") => {}
         Some(other) => {
             return Err(Error::invalid(format!("Unknown protocol '{other}'")));
         }
     }
     // Open the file without locks first: probing needs to read, and the lock request
     // depends on the format.
-    let (file_ref, file): (NodeRef, Option<Arc<FileNode>>) = if nbd {
+    let blkdebug =
+        proto.as_deref() == Some("blkdebug") || (proto.is_none() && fname.starts_with("blkdebug:"));
+    let (file_ref, file): (NodeRef, Option<Arc<FileNode>>) = if blkdebug {
+        let (node, image) = open_blkdebug(&fname, file_kv, flags, cache, true, chain).await?;
+        // Backing files are found relative to the image below the filter.
+        fname = image;
+        (node, None)
+    } else if nbd {
         let node = crate::protocol::nbd::open(&fname, &mut file_kv, flags.read_only)?;
         (node, None)
     } else {
@@ -309,6 +336,63 @@ pub async fn open_node(
         file.set_perm(req)?;
     }
     format_over(file_ref, &format, probed, fname, kv, flags, cache, chain).await
+}
+
+/// Opens a blkdebug node from its options (and a `blkdebug:` filename) over its image:
+/// the `image.*` options (any driver), or else the image's filename, opened as a file
+/// when the node is the protocol layer of a format (`protocol`) and probed otherwise.
+/// Returns the node and the image's filename.
+async fn open_blkdebug(
+    filename: &str,
+    mut kv: KeyVal,
+    flags: &GraphFlags,
+    cache: CacheMode,
+    protocol: bool,
+    chain: &mut Vec<std::path::PathBuf>,
+) -> Result<(NodeRef, String)> {
+    use crate::filter::blkdebug::{BlkdebugNode, BlkdebugOptions};
+    let mut image_kv = kv.take_child("image");
+    let opts = BlkdebugOptions::take_from(filename, &mut kv)?;
+    kv.take("filename");
+    reject_unknown("blkdebug", &kv, true)?;
+    let name = image_kv
+        .take("filename")
+        .or_else(|| opts.image_name.clone())
+        .unwrap_or_default();
+    let child = match image_kv.take("driver") {
+        Some(d) => {
+            let mut inner_chain = Vec::new();
+            Box::pin(open_node(
+                &name,
+                Some(&d),
+                image_kv,
+                flags,
+                &mut inner_chain,
+            ))
+            .await?
+        }
+        None if name.is_empty() => {
+            return Err(Error::invalid(
+                "The 'file' block driver requires a file name",
+            ))
+        }
+        None if protocol => open_file(
+            &name,
+            image_kv,
+            flags,
+            cache,
+            PermRequest::user(!flags.read_only),
+            None,
+        )?,
+        None => Box::pin(open_node(&name, None, image_kv, flags, chain)).await?,
+    };
+    let image = if name.is_empty() {
+        child.filename()
+    } else {
+        name
+    };
+    let node: NodeRef = Arc::new(BlkdebugNode::open(child, opts).await?);
+    Ok((node, image))
 }
 
 fn unknown_driver(name: &str) -> Error {
@@ -394,7 +478,24 @@ async fn format_over(
                 // working directory, unlike backing file names).
                 .or(header_data_file);
             let data_name = if flags.no_io { None } else { data_name };
-            if let Some(dn) = data_name {
+            // A data file given as a graph of its own (`data-file.driver=raw,...`).
+            let data_driver = data_kv
+                .get("driver")
+                .filter(|d| *d != "file" && !flags.no_io)
+                .map(str::to_string);
+            if let Some(d) = data_driver {
+                if !peek_has_data_file(&file_ref).await? {
+                    return Err(Error::invalid(
+                        "'data-file' can only be set for images with an external data file",
+                    ));
+                }
+                data_kv.take("driver");
+                let name = data_name.unwrap_or_default();
+                let mut inner_chain = Vec::new();
+                let node =
+                    Box::pin(open_node(&name, Some(&d), data_kv, flags, &mut inner_chain)).await?;
+                qo.data_file = Some(node);
+            } else if let Some(dn) = data_name {
                 if peek_has_data_file(&file_ref).await? || !data_kv.is_empty() {
                     let data = open_file(
                         &dn,

@@ -77,6 +77,7 @@ pub fn run(args: Vec<String>) -> i32 {
         .map(|a| a.rsplit('/').next().unwrap_or(a).to_string())
         .unwrap_or_else(|| "rqemu-io".into());
     rqemu_block::error::set_program_name(&prog);
+    rqemu_block::filter::blkdebug::set_printer(|msg| outp!("{msg}"));
     let code = main_inner(&prog, &args[1.min(args.len())..]);
     rqemu_cli::out::flush();
     code

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 
 use crate::error::{Error, Result};
 use crate::node::{
-    BlockDriver, BlockStatus, ChildRole, HostMapping, NodeRef, Prealloc, WriteFlags,
+    BlockDriver, BlockStatus, ChildRole, DebugEvent, HostMapping, NodeRef, Prealloc, WriteFlags,
 };
 
 /// Bytes at the start of an image that format probing looks at.
@@ -125,11 +125,13 @@ impl BlockDriver for RawNode {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.file.debug_event(DebugEvent::ReadAio).await;
         self.file.read(self.offset + offset, buf).await
     }
 
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
         self.check_sector0(offset, buf).await?;
+        self.file.debug_event(DebugEvent::WriteAio).await;
         self.file.write(self.offset + offset, buf, flags).await
     }
 

@@ -4,7 +4,7 @@
 use futures::stream::{self, StreamExt, TryStreamExt};
 use rqemu_block::node::NodeRef;
 use rqemu_block::status::{block_status, block_status_chain};
-use rqemu_block::{BlockBackend, CacheMode, Prealloc, WriteFlags};
+use rqemu_block::{BlockBackend, CacheMode, Error, Prealloc, WriteFlags};
 use rqemu_cli::getopt::{HasArg, LongOpt};
 use rqemu_cli::outp;
 
@@ -143,10 +143,18 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             };
             blk = b;
         }
-        let r = commit(&blk, depth, rate, &mut meter).await;
+        // Errors of the copy are the block job's; emptying the overlay is named.
+        let strerror = |e: &rqemu_block::Error| rqemu_block::error::strerror(e.errno_value());
+        let r = commit(&blk, depth, rate, &mut meter)
+            .await
+            .map_err(|e| Error::other(format!("Block job failed: {}", strerror(&e)), e.errno_value()));
         let r = match r {
             Ok(()) if !drop => match blk.root().make_empty().await {
                 Err(e) if e.errno_value() == libc::ENOTSUP => Ok(()),
+                Err(e) => Err(Error::other(
+                    format!("Failed to empty {}: {}", a.filename, strerror(&e)),
+                    e.errno_value(),
+                )),
                 r => r,
             },
             r => r,
@@ -195,7 +203,10 @@ fn find_base(top: &NodeRef, filename: &str, name: Option<&str>) -> Result<u32, S
 fn same_image(cur: &NodeRef, below: &NodeRef, name: &str) -> bool {
     let full = rqemu_block::open::resolve_relative(&cur.filename(), name);
     let canon = |p: &str| std::fs::canonicalize(p).ok();
-    name == below.filename()
+    // A relative name is taken relative to the overlay only (QEMU does not also try it
+    // relative to the working directory).
+    let direct = full == name;
+    (direct && name == below.filename())
         || match (canon(&full), canon(&below.filename())) {
             (Some(a), Some(b)) => a == b,
             _ => false,

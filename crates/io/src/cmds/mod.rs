@@ -1,6 +1,7 @@
 //! qemu-io's commands: the table (names, argument counts, one-line descriptions) and
 //! dispatch. Reading and writing live in [`rw`], the rest in [`misc`].
 
+pub mod debug;
 pub mod misc;
 pub mod reopen;
 pub mod rw;
@@ -110,6 +111,14 @@ pub static COMMANDS: &[CmdInfo] = &[
         "checks if offset is allocated in the file",
         "",
     ),
+    cmd(
+        "break",
+        2,
+        2,
+        "event tag",
+        "sets a breakpoint on event and tags the stopped request as tag",
+        "",
+    ),
     CmdInfo {
         nofile_ok: true,
         ..cmd("close", 0, 0, "", "close the current open file", "")
@@ -194,11 +203,27 @@ pub static COMMANDS: &[CmdInfo] = &[
         rw::READV_HELP,
     ),
     cmd(
+        "remove_break",
+        1,
+        1,
+        "tag",
+        "remove a breakpoint by tag",
+        "",
+    ),
+    cmd(
         "reopen",
         0,
         -1,
         "[(-r|-w)] [-c cache] [-o options]",
         "reopens an image with new options",
+        "",
+    ),
+    cmd(
+        "resume",
+        1,
+        1,
+        "tag",
+        "resumes the request tagged as tag",
         "",
     ),
     CmdInfo {
@@ -227,6 +252,14 @@ pub static COMMANDS: &[CmdInfo] = &[
             "",
         )
     },
+    cmd(
+        "wait_break",
+        1,
+        1,
+        "tag",
+        "waits for the suspension of a request",
+        "",
+    ),
     CmdInfo {
         writes: true,
         ..cmd(
@@ -348,6 +381,7 @@ pub async fn execute(st: &mut State, line: &str) -> Outcome {
             0
         }
         "help" => help(&argv),
+        "break" | "remove_break" | "resume" | "wait_break" => debug::run(st, c.name, &argv).await,
         other => misc::run(st, other, c, &argv).await,
     };
     Outcome::Done(rc)

@@ -941,6 +941,7 @@ impl Meta {
                 &mut nb_clusters,
             )
             .await?;
+            nb_clusters = nb_clusters.max(t.entries);
             if fix.leaks {
                 let saved = *res;
                 *res = Res::default();

@@ -5,7 +5,7 @@
 
 use crate::buffer::AlignedBuf;
 use crate::error::{Error, Result};
-use crate::node::{BlockDriver, Prealloc, WriteFlags};
+use crate::node::{BlockDriver, DebugEvent, Prealloc, WriteFlags};
 
 use super::meta::{DiscardType, Meta};
 use super::Qcow2;
@@ -49,10 +49,12 @@ async fn make_completely_empty(m: &mut Meta, l1_clusters: u64) -> Result<()> {
     m.rb_cache.clear();
     m.mark_dirty().await?;
     // Refcounts no longer describe the file from here until mark_clean.
+    m.file.debug_event(DebugEvent::L1Update).await;
     m.file
         .write_zeroes(m.h.l1_table_offset, l1_clusters * cs, WriteFlags::NONE)
         .await?;
     m.l1.iter_mut().for_each(|e| *e = 0);
+    m.file.debug_event(DebugEvent::EmptyImagePrepare).await;
     m.file
         .write_zeroes(cs, (2 + l1_clusters) * cs, WriteFlags::NONE)
         .await?;
@@ -61,6 +63,8 @@ async fn make_completely_empty(m: &mut Meta, l1_clusters: u64) -> Result<()> {
     fields[..8].copy_from_slice(&(3 * cs).to_be_bytes());
     fields[8..16].copy_from_slice(&cs.to_be_bytes());
     fields[16..].copy_from_slice(&1u32.to_be_bytes());
+    m.file.debug_event(DebugEvent::L1Update).await;
+    m.file.debug_event(DebugEvent::ReftableUpdate).await;
     m.write_meta(40, &fields).await?;
     m.file_dirty = true;
     m.sync().await?;
@@ -71,6 +75,7 @@ async fn make_completely_empty(m: &mut Meta, l1_clusters: u64) -> Result<()> {
     m.max_reftable_index = 0;
     let mut entry = AlignedBuf::io(8);
     entry.copy_from_slice(&(2 * cs).to_be_bytes());
+    m.file.debug_event(DebugEvent::RefblockAlloc).await;
     m.write_meta(cs, &entry).await?;
     m.file_dirty = true;
     m.sync().await?;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::buffer::AlignedBuf;
 use crate::error::{Error, Result};
-use crate::node::BlockDriver;
+use crate::node::{BlockDriver, DebugEvent};
 use crate::node::{Prealloc, WriteFlags};
 
 use super::alloc::HostRange;
@@ -34,7 +34,10 @@ impl Qcow2 {
                     self.read_backing(pos, chunk).await?;
                 }
                 ScType::ZeroPlain | ScType::ZeroAlloc => chunk.fill(0),
-                ScType::Normal => self.data().read(mapping.host, chunk).await?,
+                ScType::Normal => {
+                    self.file.debug_event(DebugEvent::ReadAio).await;
+                    self.data().read(mapping.host, chunk).await?
+                }
                 ScType::Compressed => {
                     let data = self.decompress_cluster(mapping.entry).await?;
                     let from = self.geo.offset_in_cluster(pos) as usize;
@@ -85,6 +88,7 @@ impl Qcow2 {
             chunk.fill(0);
             return Ok(());
         };
+        self.file.debug_event(DebugEvent::ReadBackingAio).await;
         let bsize = b.size();
         let avail = bsize.saturating_sub(pos).min(chunk.len() as u64) as usize;
         if avail > 0 {
@@ -107,6 +111,7 @@ impl Qcow2 {
         let sectors = ((entry.raw >> self.geo.csize_shift()) & self.geo.csize_mask()) + 1;
         let csize = sectors * 512 - (host & 511);
         let mut input = vec![0u8; csize as usize];
+        self.file.debug_event(DebugEvent::ReadCompressed).await;
         self.file.read(host, &mut input).await?;
         let mut out = vec![0u8; self.geo.cluster_size() as usize];
         if !compress::decompress(self.compression, &input, &mut out) {
@@ -221,6 +226,7 @@ impl Qcow2 {
             let data_end = m.offset + m.cow_end.offset;
             if data_start == pos && data_end == pos + data.len() as u64 {
                 if m.cow_start.bytes == 0 && m.cow_end.bytes == 0 {
+                    self.file.debug_event(DebugEvent::WriteAio).await;
                     return self.data().write(host, data, WriteFlags::NONE).await;
                 }
                 let total = (m.cow_start.bytes + data.len() as u64 + m.cow_end.bytes) as usize;
@@ -232,6 +238,7 @@ impl Qcow2 {
                 let tail_from = head + data.len();
                 self.read_guest(m.offset + m.cow_end.offset, &mut merged[tail_from..])
                     .await?;
+                self.file.debug_event(DebugEvent::WriteAio).await;
                 return self
                     .data()
                     .write(
@@ -242,6 +249,7 @@ impl Qcow2 {
                     .await;
             }
         }
+        self.file.debug_event(DebugEvent::WriteAio).await;
         self.data().write(host, data, WriteFlags::NONE).await?;
         self.write_cow(pos, metas).await
     }

@@ -8,6 +8,7 @@
 //! to put its data.
 
 use crate::error::{Error, Result};
+use crate::node::DebugEvent;
 
 use super::meta::{DiscardType, Meta, TableKind};
 use super::types::*;
@@ -264,6 +265,7 @@ impl Meta {
 
     /// Drops one reference from each cluster of the range.
     pub async fn free_clusters(&mut self, offset: u64, size: u64, kind: DiscardType) {
+        self.file.debug_event(DebugEvent::ClusterFree).await;
         if let Err(RcError::Fail(e)) = self.update_refcount(offset, size, 1, true, kind).await {
             eprintln!("qcow2_free_clusters failed: {e}");
         }

@@ -118,7 +118,10 @@ impl Job {
         // What counts towards progress: data written (and zeroes, when written as data).
         let counts = |st: Status| st == Status::Data || (job.min_sparse == 0 && st == Status::Zero);
         let mut allocated = 0u64;
-        if progress.enabled() {
+        // qemu-img always walks the source's allocation once before copying (to size the
+        // progress meter); only --salvage makes that visible (its warnings come twice),
+        // so the walk is skipped otherwise unless progress is shown.
+        if progress.enabled() || job.salvage {
             let mut planner = Planner::new();
             let mut pos = 0;
             while pos < job.total_sectors {

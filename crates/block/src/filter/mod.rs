@@ -1,0 +1,4 @@
+//! Filter nodes: nodes over one child that pass requests on and change how they are
+//! served (`blkdebug`: error injection, breakpoints and request alignment for tests).
+
+pub mod blkdebug;
