@@ -1,5 +1,6 @@
-//! Format drivers: nodes that interpret an image file (raw, qcow2).
+//! Format drivers: nodes that interpret an image file (raw, qcow2, luks).
 
 pub mod compress;
+pub mod luks;
 pub mod qcow2;
 pub mod raw;

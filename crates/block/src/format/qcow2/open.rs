@@ -35,6 +35,10 @@ pub struct Qcow2Options {
     pub l2_cache_size: Option<u64>,
     /// Refcount cache size in bytes.
     pub refcount_cache_size: Option<u64>,
+    /// `encrypt.key-secret`: the id of the secret that unlocks an encrypted image.
+    pub key_secret: Option<String>,
+    /// `encrypt.format`, checked against the header.
+    pub encrypt_format: Option<String>,
 }
 
 impl Qcow2Options {
@@ -77,6 +81,8 @@ impl Qcow2Options {
                 }
             }
         }
+        o.key_secret = kv.take("encrypt.key-secret");
+        o.encrypt_format = kv.take("encrypt.format");
         // Accepted for compatibility; rqemu's choices are fixed.
         for k in [
             "l2-cache-entry-size",
@@ -193,10 +199,23 @@ pub(super) async fn load(file: &NodeRef, opts: &Qcow2Options) -> Result<Meta> {
             h.crypt_method
         )));
     }
-    if h.crypt_method != 0 {
-        return Err(Error::unsupported(
-            "Encrypted qcow2 images are not supported by this build of rqemu",
-        ));
+    let header_format = match h.crypt_method {
+        1 => Some("aes"),
+        2 => Some("luks"),
+        _ => None,
+    };
+    match (header_format, opts.encrypt_format.as_deref()) {
+        (None, Some(f)) => {
+            return Err(Error::invalid(format!(
+                "No encryption in image header, but options specified format '{f}'"
+            )))
+        }
+        (Some(hf), Some(f)) if hf != f => {
+            return Err(Error::invalid(format!(
+                "Header reported '{hf}' encryption format but options specify '{f}'"
+            )))
+        }
+        _ => {}
     }
     if h.refcount_table_clusters == 0 && !opts.check {
         return Err(Error::invalid(
@@ -250,6 +269,12 @@ pub(super) async fn load(file: &NodeRef, opts: &Qcow2Options) -> Result<Meta> {
         })?;
     let end = h.extensions_end();
     h.parse_extensions(&cluster0, end)?;
+    if h.crypt_method == 2 && h.crypto_header.is_none() {
+        return Err(Error::invalid(format!(
+            "Missing CRYPTO header for crypt method {}",
+            h.crypt_method
+        )));
+    }
     let has_data_file = h.incompatible_features & incompat::DATA_FILE != 0;
     if !has_data_file && opts.data_file.is_some() {
         return Err(Error::invalid(
