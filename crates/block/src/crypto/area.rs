@@ -22,6 +22,15 @@ impl HeaderArea {
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check(offset, buf.len())?;
         let at = self.base.saturating_add(offset);
+        if at.saturating_add(buf.len() as u64) > i64::MAX as u64 {
+            return Err(CryptoError::Io(crate::error::Error::other(
+                format!(
+                    "Could not read encryption header: {}",
+                    crate::error::strerror(libc::EIO)
+                ),
+                libc::EIO,
+            )));
+        }
         let avail = self.node.size().saturating_sub(at).min(buf.len() as u64) as usize;
         if avail > 0 {
             self.node.read(at, &mut buf[..avail]).await?;

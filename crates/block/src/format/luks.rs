@@ -56,6 +56,12 @@ impl LuksNode {
         let luks = Luks::open(&area, secret).await?;
         let crypto = luks.sector_crypto()?;
         let payload = luks.header_len();
+        if payload > file.size() {
+            return Err(Error::other(
+                "Could not refresh total sector count: Input/output error",
+                libc::EIO,
+            ));
+        }
         Ok(LuksNode {
             area,
             luks: Mutex::new(luks),
@@ -84,13 +90,22 @@ impl LuksNode {
 
     /// Encrypts and writes whole sectors at `offset`.
     async fn write_sectors(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        const CHUNK: usize = 1 << 20;
         let c = self.crypto()?;
-        let mut tmp = AlignedBuf::io(buf.len());
-        tmp.copy_from_slice(buf);
-        c.encrypt(offset / SECTOR_SIZE, &mut tmp);
-        self.file
-            .write(self.payload + offset, &tmp, WriteFlags::NONE)
-            .await
+        let mut tmp = AlignedBuf::io(buf.len().min(CHUNK));
+        let mut done = 0;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(CHUNK);
+            let piece = &mut tmp[..n];
+            piece.copy_from_slice(&buf[done..done + n]);
+            let at = offset + done as u64;
+            c.encrypt(at / SECTOR_SIZE, piece);
+            self.file
+                .write(self.payload + at, piece, WriteFlags::NONE)
+                .await?;
+            done += n;
+        }
+        Ok(())
     }
 
     /// Changes key slots (`qemu-img amend -o state=...`).

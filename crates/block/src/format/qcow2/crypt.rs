@@ -23,6 +23,9 @@ use crate::node::{NodeRef, WriteFlags};
 use super::meta::Meta;
 use super::Qcow2;
 
+/// Largest piece of guest data encrypted in one bounce buffer.
+const ENCRYPT_CHUNK: usize = 1 << 20;
+
 /// `crypt_method` of legacy AES.
 pub const CRYPT_AES: u32 = 1;
 /// `crypt_method` of LUKS.
@@ -157,10 +160,21 @@ impl Qcow2 {
         if !host.is_multiple_of(SECTOR_SIZE) || !(buf.len() as u64).is_multiple_of(SECTOR_SIZE) {
             return Err(Error::errno(libc::EINVAL));
         }
-        let mut tmp = AlignedBuf::io(buf.len());
-        tmp.copy_from_slice(buf);
-        c.encrypt(e.sector(guest, host), &mut tmp);
-        self.data().write(host, &tmp, WriteFlags::NONE).await
+        // Encrypt a copy, a piece at a time (one bounce buffer, reused).
+        let mut tmp = AlignedBuf::io(buf.len().min(ENCRYPT_CHUNK));
+        let mut done = 0;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(ENCRYPT_CHUNK);
+            let piece = &mut tmp[..n];
+            piece.copy_from_slice(&buf[done..done + n]);
+            let off = done as u64;
+            c.encrypt(e.sector(guest + off, host + off), piece);
+            self.data()
+                .write(host + off, piece, WriteFlags::NONE)
+                .await?;
+            done += n;
+        }
+        Ok(())
     }
 
     /// A write of guest data to an encrypted image: sector-aligned writes go straight
