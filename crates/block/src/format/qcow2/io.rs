@@ -36,7 +36,7 @@ impl Qcow2 {
                 ScType::ZeroPlain | ScType::ZeroAlloc => chunk.fill(0),
                 ScType::Normal => {
                     self.file.debug_event(DebugEvent::ReadAio).await;
-                    self.data().read(mapping.host, chunk).await?
+                    self.read_data(pos, mapping.host, chunk).await?
                 }
                 ScType::Compressed => {
                     let data = self.decompress_cluster(mapping.entry).await?;
@@ -67,7 +67,11 @@ impl Qcow2 {
             let n = mapping.len.min(want) as usize;
             let mut sub = crate::iov::sub_mut(bufs, done, n);
             match mapping.ty {
-                ScType::Normal => self.data().readv(mapping.host, &mut sub).await?,
+                // Encrypted data is decrypted piece by piece below.
+                ScType::Normal if !self.is_encrypted() => {
+                    self.file.debug_event(DebugEvent::ReadAio).await;
+                    self.data().readv(mapping.host, &mut sub).await?
+                }
                 ScType::ZeroPlain | ScType::ZeroAlloc => crate::iov::fill(&mut sub, 0),
                 ScType::Invalid => return Err(Error::errno(libc::EIO)),
                 _ => {
@@ -124,8 +128,17 @@ impl Qcow2 {
         Ok(out)
     }
 
-    /// Writes guest data, allocating clusters as needed.
+    /// Writes guest data, allocating clusters as needed (encrypting it, for encrypted
+    /// images).
     pub(super) async fn write_guest(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        match &self.encryption {
+            Some(e) => self.write_encrypted(e, offset, buf).await,
+            None => self.write_guest_aligned(offset, buf).await,
+        }
+    }
+
+    /// Writes guest data (whole sectors, when encrypted).
+    pub(super) async fn write_guest_aligned(&self, offset: u64, buf: &[u8]) -> Result<()> {
         let mut done = 0usize;
         if self.data_file_raw {
             if let Some(d) = &self.data_file {
@@ -227,7 +240,7 @@ impl Qcow2 {
             if data_start == pos && data_end == pos + data.len() as u64 {
                 if m.cow_start.bytes == 0 && m.cow_end.bytes == 0 {
                     self.file.debug_event(DebugEvent::WriteAio).await;
-                    return self.data().write(host, data, WriteFlags::NONE).await;
+                    return self.write_data(pos, host, data).await;
                 }
                 let total = (m.cow_start.bytes + data.len() as u64 + m.cow_end.bytes) as usize;
                 let mut merged = AlignedBuf::io(total);
@@ -240,17 +253,16 @@ impl Qcow2 {
                     .await?;
                 self.file.debug_event(DebugEvent::WriteAio).await;
                 return self
-                    .data()
-                    .write(
+                    .write_data(
+                        m.offset + m.cow_start.offset,
                         m.alloc_offset + m.cow_start.offset,
                         &merged,
-                        WriteFlags::NONE,
                     )
                     .await;
             }
         }
         self.file.debug_event(DebugEvent::WriteAio).await;
-        self.data().write(host, data, WriteFlags::NONE).await?;
+        self.write_data(pos, host, data).await?;
         self.write_cow(pos, metas).await
     }
 
@@ -263,9 +275,12 @@ impl Qcow2 {
                 }
                 let mut buf = AlignedBuf::io(region.bytes as usize);
                 self.read_guest(m.offset + region.offset, &mut buf).await?;
-                self.data()
-                    .write(m.alloc_offset + region.offset, &buf, WriteFlags::NONE)
-                    .await?;
+                self.write_data(
+                    m.offset + region.offset,
+                    m.alloc_offset + region.offset,
+                    &buf,
+                )
+                .await?;
             }
         }
         Ok(())
@@ -287,6 +302,11 @@ impl Qcow2 {
         if self.data_file.is_some() {
             return Err(Error::unsupported(
                 "Compression is not supported with external data files",
+            ));
+        }
+        if self.is_encrypted() {
+            return Err(Error::unsupported(
+                "Compression and encryption not supported at the same time",
             ));
         }
         if self.geo.offset_in_cluster(offset) != 0 {
