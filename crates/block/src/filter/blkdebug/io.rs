@@ -222,7 +222,7 @@ impl BlkdebugNode {
                 num -= tail;
             }
             num = num.min(max_wz);
-            let aligned = offset % zalign == 0 && num % zalign == 0;
+            let aligned = offset.is_multiple_of(zalign) && num.is_multiple_of(zalign);
             if aligned {
                 self.check(offset, num, IoType::WriteZeroes).await?;
                 match self.child.write_zeroes(offset, num, flags).await {
@@ -284,7 +284,7 @@ impl BlkdebugNode {
             } else if tail != 0 {
                 if num > align {
                     num -= tail;
-                } else if tail % ra != 0 && tail > ra {
+                } else if !tail.is_multiple_of(ra) && tail > ra {
                     tail %= ra;
                     num -= tail;
                 }

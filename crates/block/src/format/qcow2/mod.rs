@@ -48,7 +48,7 @@ use tokio::sync::{Mutex, Notify};
 use crate::error::{Error, Result};
 use crate::info::{CheckReport, FormatInfo, RepairMode, SnapshotInfo};
 use crate::node::{
-    BlockDriver, BlockStatus, ChildRole, HostMapping, NodeRef, Prealloc, WriteFlags,
+    BlockDriver, BlockStatus, ChildRole, DebugEvent, HostMapping, NodeRef, Prealloc, WriteFlags,
 };
 
 use meta::Meta;
@@ -379,6 +379,7 @@ impl BlockDriver for Qcow2 {
         }
         {
             let mut m = self.meta.lock().await;
+            self.file.debug_event(DebugEvent::FlushToOs).await;
             let r = m.flush_caches().await;
             self.with_meta(&mut m, r).await?;
             m.data_unflushed = false;
@@ -386,6 +387,7 @@ impl BlockDriver for Qcow2 {
         if let Some(d) = &self.data_file {
             d.flush().await?;
         }
+        self.file.debug_event(DebugEvent::FlushToDisk).await;
         self.file.flush().await
     }
 
