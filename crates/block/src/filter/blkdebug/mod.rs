@@ -293,3 +293,64 @@ impl BlockDriver for BlkdebugNode {
         self.child.allocated_size().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::protocol::mem::MemNode;
+
+    async fn node(opts: &str, data: Vec<u8>) -> (Arc<MemNode>, BlkdebugNode) {
+        let mem = Arc::new(MemNode::new(data, false));
+        let mut kv = KeyVal::parse(opts, None).unwrap();
+        let o = BlkdebugOptions::take_from("", &mut kv).unwrap();
+        assert!(kv.is_empty());
+        (mem.clone(), BlkdebugNode::open(mem, o).await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn unaligned_requests_are_padded() {
+        let (mem, n) = node("align=4096,max-transfer=8192", vec![1u8; 65536]).await;
+        n.write(1000, &[2u8; 10000], WriteFlags::NONE)
+            .await
+            .unwrap();
+        let c = mem.contents();
+        assert!(c[..1000].iter().all(|&b| b == 1));
+        assert!(c[1000..11000].iter().all(|&b| b == 2));
+        assert!(c[11000..].iter().all(|&b| b == 1));
+        let mut buf = vec![0u8; 3];
+        n.read(999, &mut buf).await.unwrap();
+        assert_eq!(buf, [1, 2, 2]);
+        n.write_zeroes(5000, 20000, WriteFlags::NONE).await.unwrap();
+        let c = mem.contents();
+        assert!(c[5000..25000].iter().all(|&b| b == 0));
+        assert!(c[4999] == 2 && c[25000] == 1);
+    }
+
+    #[tokio::test]
+    async fn injected_errors_follow_their_rules() {
+        let (_, n) = node(
+            "inject-error.0.event=write_aio,inject-error.0.errno=28,inject-error.0.once=on,\
+             inject-error.1.event=none,inject-error.1.iotype=read,inject-error.1.sector=2",
+            vec![0u8; 8192],
+        )
+        .await;
+        let mut buf = [0u8; 512];
+        // Armed at open: reads covering sector 2 fail.
+        assert_eq!(
+            n.read(1024, &mut buf).await.unwrap_err().errno_value(),
+            libc::EIO
+        );
+        n.read(0, &mut buf).await.unwrap();
+        n.write(0, &buf, WriteFlags::NONE).await.unwrap();
+        n.debug_event(Event::WriteAio).await;
+        // The new event replaces the armed rules; `once` fails one request.
+        assert_eq!(
+            n.read(1024, &mut buf).await.unwrap_err().errno_value(),
+            libc::ENOSPC
+        );
+        n.read(1024, &mut buf).await.unwrap();
+        assert!(n.filename().starts_with("json:{\"driver\": \"blkdebug\""));
+    }
+}
