@@ -153,6 +153,17 @@ impl BlkdebugNode {
         }
     }
 
+    /// Refuses a parent that writes without resizing (a raw format node) when the size
+    /// is not a multiple of the alignment, as QEMU's permission check does.
+    pub fn check_write_without_resize(&self) -> Result<()> {
+        if !self.child.size().is_multiple_of(self.limits.align) {
+            return Err(Error::invalid(
+                "Cannot get 'write' permission without 'resize': Image size is not a multiple of request alignment",
+            ));
+        }
+        Ok(())
+    }
+
     /// qemu-io's `break EVENT TAG`.
     pub fn add_breakpoint(&self, event: &str, tag: &str) -> std::result::Result<(), BreakError> {
         self.rules.add_breakpoint(event, tag)
