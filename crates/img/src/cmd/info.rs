@@ -399,11 +399,7 @@ fn dirname_base(node: &NodeRef, filename: &str) -> String {
         return filename.to_string();
     }
     let mut cur = node.clone();
-    while let Some((_, child)) = cur
-        .children()
-        .into_iter()
-        .find(|(r, _)| *r == rqemu_block::node::ChildRole::File)
-    {
+    while let Some((_, child)) = cur.children().into_iter().find(|(r, _)| r.is_primary()) {
         cur = child;
     }
     cur.filename()

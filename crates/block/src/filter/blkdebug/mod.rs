@@ -185,7 +185,7 @@ impl BlkdebugNode {
     }
 }
 
-/// The first blkdebug node at or below `node` along `file` children, as QEMU looks for
+/// The first blkdebug node at or below `node` along primary children, as QEMU looks for
 /// the node that takes breakpoints.
 pub fn find(node: &NodeRef) -> Option<NodeRef> {
     let mut cur = node.clone();
@@ -196,7 +196,7 @@ pub fn find(node: &NodeRef) -> Option<NodeRef> {
         let next = cur
             .children()
             .into_iter()
-            .find(|(r, _)| *r == ChildRole::File)
+            .find(|(r, _)| r.is_primary())
             .map(|(_, n)| n)?;
         cur = next;
     }
@@ -237,7 +237,7 @@ impl BlockDriver for BlkdebugNode {
     }
 
     fn children(&self) -> Vec<(ChildRole, NodeRef)> {
-        vec![(ChildRole::File, self.child.clone())]
+        vec![(ChildRole::Image, self.child.clone())]
     }
 
     fn supports_backing(&self) -> bool {
@@ -298,10 +298,6 @@ impl BlockDriver for BlkdebugNode {
     async fn close(&self) -> Result<()> {
         self.rules.resume_all();
         self.child.close().await
-    }
-
-    async fn allocated_size(&self) -> Option<u64> {
-        self.child.allocated_size().await
     }
 }
 
