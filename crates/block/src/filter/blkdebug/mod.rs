@@ -21,6 +21,7 @@ pub mod rules;
 mod tracked;
 
 use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use async_trait::async_trait;
@@ -112,6 +113,11 @@ pub struct BlkdebugNode {
     tracker: tracked::Tracker,
     config: Option<String>,
     plain: bool,
+    /// Write-type requests finished (successful or not), and the count the last
+    /// successful flush covered: a flush with nothing new to flush does nothing, as
+    /// in QEMU's block layer.
+    write_gen: AtomicU64,
+    flushed_gen: AtomicU64,
 }
 
 impl BlkdebugNode {
@@ -124,6 +130,8 @@ impl BlkdebugNode {
             tracker: tracked::Tracker::default(),
             config: opts.config,
             plain: opts.plain,
+            write_gen: AtomicU64::new(0),
+            flushed_gen: AtomicU64::new(0),
         };
         node.fire(Event::None).await;
         Ok(node)
@@ -271,20 +279,32 @@ impl BlockDriver for BlkdebugNode {
     }
 
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
-        self.write_padded(offset, buf, flags).await
+        let r = self.write_padded(offset, buf, flags).await;
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
+        r
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
-        self.write_zeroes_padded(offset, len, flags).await
+        let r = self.write_zeroes_padded(offset, len, flags).await;
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
+        r
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.discard_split(offset, len).await
+        let r = self.discard_split(offset, len).await;
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
+        r
     }
 
     async fn flush(&self) -> Result<()> {
+        let gen = self.write_gen.load(Ordering::Acquire);
+        if self.flushed_gen.load(Ordering::Acquire) == gen {
+            return Ok(());
+        }
         self.check(0, 0, config::IoType::Flush).await?;
-        self.child.flush().await
+        self.child.flush().await?;
+        self.flushed_gen.fetch_max(gen, Ordering::AcqRel);
+        Ok(())
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
@@ -292,7 +312,9 @@ impl BlockDriver for BlkdebugNode {
     }
 
     async fn truncate(&self, size: u64, exact: bool, prealloc: Prealloc) -> Result<()> {
-        self.child.truncate(size, exact, prealloc).await
+        let r = self.child.truncate(size, exact, prealloc).await;
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
+        r
     }
 
     async fn close(&self) -> Result<()> {

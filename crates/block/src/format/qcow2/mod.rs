@@ -471,7 +471,34 @@ impl BlockDriver for Qcow2 {
         if let Err(e) = self.store_bitmaps(&mut m).await {
             crate::error::report(&e.to_string());
         }
-        m.mark_clean().await
+        // As QEMU inactivates a node: each cache is written and the file flushed, and
+        // what fails is reported; the image stays dirty then (the errors go no further,
+        // as QEMU's close cannot fail).
+        let no_flush = m.no_flush;
+        let mut ok = true;
+        for what in ["L2 table", "refcount block"] {
+            let r = if what == "L2 table" {
+                m.flush_l2().await
+            } else {
+                m.flush_refblocks().await
+            };
+            let r = match r {
+                Ok(()) if !no_flush => self.file.flush().await,
+                r => r,
+            };
+            if let Err(e) = r {
+                crate::error::report(&format!(
+                    "Failed to flush the {what} cache: {}",
+                    crate::error::strerror(e.errno_value())
+                ));
+                ok = false;
+            }
+        }
+        if ok {
+            m.mark_clean().await
+        } else {
+            Ok(())
+        }
     }
 
     async fn allocated_size(&self) -> Option<u64> {
