@@ -259,7 +259,13 @@ impl BlockBackend {
     /// Writes saved VM state.
     pub async fn save_vmstate(&self, pos: u64, buf: &[u8]) -> Result<()> {
         self.check_writable()?;
-        self.root.save_vmstate(pos, buf).await
+        self.root.save_vmstate(pos, buf).await?;
+        // Without a write cache the state is made durable at once, as QEMU's
+        // BlockBackend does.
+        if !self.state.cache.writeback {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     /// Makes completed writes durable (a no-op with `cache=unsafe`).

@@ -132,6 +132,8 @@ pub enum ChildRole {
     Backing,
     /// An external data file (qcow2 `data_file`).
     DataFile,
+    /// The node a filter passes requests to (blkdebug's `image`).
+    Image,
 }
 
 impl ChildRole {
@@ -141,7 +143,14 @@ impl ChildRole {
             ChildRole::File => "file",
             ChildRole::Backing => "backing",
             ChildRole::DataFile => "data-file",
+            ChildRole::Image => "image",
         }
+    }
+
+    /// Whether the child is its parent's primary child: the one requests and debug
+    /// events go down to (`file`, or a filter's `image`).
+    pub fn is_primary(self) -> bool {
+        matches!(self, ChildRole::File | ChildRole::Image)
     }
 }
 

@@ -455,6 +455,13 @@ async fn format_over(
                 None => None,
             };
             reject_unknown("raw", &kv, false)?;
+            if let Some(bd) = file_ref
+                .as_any()
+                .downcast_ref::<crate::filter::blkdebug::BlkdebugNode>()
+                .filter(|_| writable)
+            {
+                bd.check_write_without_resize()?;
+            }
             Ok(Arc::new(RawNode::new(file_ref, offset, size, probed)?))
         }
         "qcow2" => {

@@ -145,9 +145,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         }
         // Errors of the copy are the block job's; emptying the overlay is named.
         let strerror = |e: &rqemu_block::Error| rqemu_block::error::strerror(e.errno_value());
-        let r = commit(&blk, depth, rate, &mut meter)
-            .await
-            .map_err(|e| Error::other(format!("Block job failed: {}", strerror(&e)), e.errno_value()));
+        let r = commit(&blk, depth, rate, &mut meter).await.map_err(|e| {
+            Error::other(
+                format!("Block job failed: {}", strerror(&e)),
+                e.errno_value(),
+            )
+        });
         let r = match r {
             Ok(()) if !drop => match blk.root().make_empty().await {
                 Err(e) if e.errno_value() == libc::ENOTSUP => Ok(()),

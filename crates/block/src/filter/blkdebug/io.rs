@@ -25,15 +25,21 @@ impl BlkdebugNode {
         v.div_ceil(self.limits.align) * self.limits.align
     }
 
-    /// Reads an aligned range from the child in `max-transfer` pieces.
+    /// Reads an aligned range from the child in `max-transfer` pieces; what padding
+    /// reaches past the child's end reads as zeroes.
     async fn read_aligned(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let step = self.limits.transfer();
+        let size = self.child.size();
         let mut done = 0usize;
         while done < buf.len() {
             let n = ((buf.len() - done) as u64).min(step) as usize;
             let at = offset + done as u64;
             self.check(at, n as u64, IoType::Read).await?;
-            self.child.read(at, &mut buf[done..done + n]).await?;
+            let avail = size.saturating_sub(at).min(n as u64) as usize;
+            if avail > 0 {
+                self.child.read(at, &mut buf[done..done + avail]).await?;
+            }
+            buf[done + avail..done + n].fill(0);
             done += n;
         }
         Ok(())
@@ -222,7 +228,7 @@ impl BlkdebugNode {
                 num -= tail;
             }
             num = num.min(max_wz);
-            let aligned = offset % zalign == 0 && num % zalign == 0;
+            let aligned = offset.is_multiple_of(zalign) && num.is_multiple_of(zalign);
             if aligned {
                 self.check(offset, num, IoType::WriteZeroes).await?;
                 match self.child.write_zeroes(offset, num, flags).await {
@@ -284,7 +290,7 @@ impl BlkdebugNode {
             } else if tail != 0 {
                 if num > align {
                     num -= tail;
-                } else if tail % ra != 0 && tail > ra {
+                } else if !tail.is_multiple_of(ra) && tail > ra {
                     tail %= ra;
                     num -= tail;
                 }

@@ -21,6 +21,7 @@ pub mod rules;
 mod tracked;
 
 use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use async_trait::async_trait;
@@ -112,6 +113,11 @@ pub struct BlkdebugNode {
     tracker: tracked::Tracker,
     config: Option<String>,
     plain: bool,
+    /// Write-type requests finished (successful or not), and the count the last
+    /// successful flush covered: a flush with nothing new to flush does nothing, as
+    /// in QEMU's block layer.
+    write_gen: AtomicU64,
+    flushed_gen: AtomicU64,
 }
 
 impl BlkdebugNode {
@@ -124,6 +130,8 @@ impl BlkdebugNode {
             tracker: tracked::Tracker::default(),
             config: opts.config,
             plain: opts.plain,
+            write_gen: AtomicU64::new(0),
+            flushed_gen: AtomicU64::new(0),
         };
         node.fire(Event::None).await;
         Ok(node)
@@ -153,6 +161,17 @@ impl BlkdebugNode {
         }
     }
 
+    /// Refuses a parent that writes without resizing (a raw format node) when the size
+    /// is not a multiple of the alignment, as QEMU's permission check does.
+    pub fn check_write_without_resize(&self) -> Result<()> {
+        if !self.child.size().is_multiple_of(self.limits.align) {
+            return Err(Error::invalid(
+                "Cannot get 'write' permission without 'resize': Image size is not a multiple of request alignment",
+            ));
+        }
+        Ok(())
+    }
+
     /// qemu-io's `break EVENT TAG`.
     pub fn add_breakpoint(&self, event: &str, tag: &str) -> std::result::Result<(), BreakError> {
         self.rules.add_breakpoint(event, tag)
@@ -174,7 +193,7 @@ impl BlkdebugNode {
     }
 }
 
-/// The first blkdebug node at or below `node` along `file` children, as QEMU looks for
+/// The first blkdebug node at or below `node` along primary children, as QEMU looks for
 /// the node that takes breakpoints.
 pub fn find(node: &NodeRef) -> Option<NodeRef> {
     let mut cur = node.clone();
@@ -185,7 +204,7 @@ pub fn find(node: &NodeRef) -> Option<NodeRef> {
         let next = cur
             .children()
             .into_iter()
-            .find(|(r, _)| *r == ChildRole::File)
+            .find(|(r, _)| r.is_primary())
             .map(|(_, n)| n)?;
         cur = next;
     }
@@ -226,7 +245,7 @@ impl BlockDriver for BlkdebugNode {
     }
 
     fn children(&self) -> Vec<(ChildRole, NodeRef)> {
-        vec![(ChildRole::File, self.child.clone())]
+        vec![(ChildRole::Image, self.child.clone())]
     }
 
     fn supports_backing(&self) -> bool {
@@ -260,20 +279,32 @@ impl BlockDriver for BlkdebugNode {
     }
 
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
-        self.write_padded(offset, buf, flags).await
+        let r = self.write_padded(offset, buf, flags).await;
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
+        r
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
-        self.write_zeroes_padded(offset, len, flags).await
+        let r = self.write_zeroes_padded(offset, len, flags).await;
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
+        r
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.discard_split(offset, len).await
+        let r = self.discard_split(offset, len).await;
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
+        r
     }
 
     async fn flush(&self) -> Result<()> {
+        let gen = self.write_gen.load(Ordering::Acquire);
+        if self.flushed_gen.load(Ordering::Acquire) == gen {
+            return Ok(());
+        }
         self.check(0, 0, config::IoType::Flush).await?;
-        self.child.flush().await
+        self.child.flush().await?;
+        self.flushed_gen.fetch_max(gen, Ordering::AcqRel);
+        Ok(())
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
@@ -281,15 +312,74 @@ impl BlockDriver for BlkdebugNode {
     }
 
     async fn truncate(&self, size: u64, exact: bool, prealloc: Prealloc) -> Result<()> {
-        self.child.truncate(size, exact, prealloc).await
+        let r = self.child.truncate(size, exact, prealloc).await;
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
+        r
     }
 
     async fn close(&self) -> Result<()> {
         self.rules.resume_all();
         self.child.close().await
     }
+}
 
-    async fn allocated_size(&self) -> Option<u64> {
-        self.child.allocated_size().await
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::protocol::mem::MemNode;
+
+    async fn node(opts: &str, data: Vec<u8>) -> (Arc<MemNode>, BlkdebugNode) {
+        let mem = Arc::new(MemNode::new(data, false));
+        let mut kv = KeyVal::parse(opts, None).unwrap();
+        let o = BlkdebugOptions::take_from("", &mut kv).unwrap();
+        assert!(kv.is_empty());
+        (mem.clone(), BlkdebugNode::open(mem, o).await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn unaligned_requests_are_padded() {
+        let (mem, n) = node("align=4096,max-transfer=8192", vec![1u8; 65536]).await;
+        n.write(1000, &[2u8; 10000], WriteFlags::NONE)
+            .await
+            .unwrap();
+        let c = mem.contents();
+        assert!(c[..1000].iter().all(|&b| b == 1));
+        assert!(c[1000..11000].iter().all(|&b| b == 2));
+        assert!(c[11000..].iter().all(|&b| b == 1));
+        let mut buf = vec![0u8; 3];
+        n.read(999, &mut buf).await.unwrap();
+        assert_eq!(buf, [1, 2, 2]);
+        n.write_zeroes(5000, 20000, WriteFlags::NONE).await.unwrap();
+        let c = mem.contents();
+        assert!(c[5000..25000].iter().all(|&b| b == 0));
+        assert!(c[4999] == 2 && c[25000] == 1);
+    }
+
+    #[tokio::test]
+    async fn injected_errors_follow_their_rules() {
+        let (_, n) = node(
+            "inject-error.0.event=write_aio,inject-error.0.errno=28,inject-error.0.once=on,\
+             inject-error.1.event=none,inject-error.1.iotype=read,inject-error.1.sector=2",
+            vec![0u8; 8192],
+        )
+        .await;
+        let mut buf = [0u8; 512];
+        // Armed at open: reads covering sector 2 fail.
+        assert_eq!(
+            n.read(1024, &mut buf).await.unwrap_err().errno_value(),
+            libc::EIO
+        );
+        n.read(0, &mut buf).await.unwrap();
+        n.write(0, &buf, WriteFlags::NONE).await.unwrap();
+        n.debug_event(Event::WriteAio).await;
+        // The new event replaces the armed rules; `once` fails one request.
+        assert_eq!(
+            n.read(1024, &mut buf).await.unwrap_err().errno_value(),
+            libc::ENOSPC
+        );
+        n.read(1024, &mut buf).await.unwrap();
+        assert!(n.filename().starts_with("json:{\"driver\": \"blkdebug\""));
     }
 }

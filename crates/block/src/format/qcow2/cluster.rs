@@ -3,6 +3,7 @@
 //! into the L2 tables once their data is written.
 
 use crate::error::{Error, Result};
+use crate::node::DebugEvent;
 
 use super::meta::{DiscardType, Meta, TableKind};
 use super::types::*;
@@ -259,6 +260,7 @@ impl Meta {
         }
         self.flush_refblocks().await?;
         if old != 0 {
+            self.file.debug_event(DebugEvent::L2AllocCowRead).await;
             self.load_l2(old).await?;
             let copy = self.l2_cache.peek(old).map(|b| b.to_vec());
             self.new_table(TableKind::L2, l2_off).await?;
@@ -268,6 +270,7 @@ impl Meta {
         } else {
             self.new_table(TableKind::L2, l2_off).await?;
         }
+        self.file.debug_event(DebugEvent::L2AllocWrite).await;
         self.write_l2_table(l2_off).await?;
         self.sync().await?;
         self.l1[l1_index as usize] = l2_off | OFLAG_COPIED;
@@ -299,6 +302,7 @@ impl Meta {
             return Err(Error::errno(libc::EFBIG));
         }
         let bytes = new_size * 8;
+        self.file.debug_event(DebugEvent::L1GrowAllocTable).await;
         let new_off = self.alloc_clusters(bytes).await?;
         self.flush_refblocks().await?;
         let mut buf = vec![0u8; bytes as usize];
@@ -306,11 +310,13 @@ impl Meta {
             put_be64(&mut buf, i * 8, *e);
         }
         self.overlap_check_meta(new_off, bytes).await?;
+        self.file.debug_event(DebugEvent::L1GrowWriteTable).await;
         self.write_meta(new_off, &buf).await?;
         self.sync().await?;
         let mut hdr = [0u8; 12];
         put_be32(&mut hdr, 0, new_size as u32);
         put_be64(&mut hdr, 4, new_off);
+        self.file.debug_event(DebugEvent::L1GrowActivateTable).await;
         self.write_meta(36, &hdr).await?;
         self.sync().await?;
         let old_off = self.h.l1_table_offset;

@@ -26,7 +26,13 @@ impl Qcow2 {
             && m.h.crypt_method != super::crypt::CRYPT_LUKS
             && m.data_file.is_none()
         {
-            make_completely_empty(&mut m, l1_clusters).await
+            let r = make_completely_empty(&mut m, l1_clusters).await;
+            if r.is_err() {
+                // The structures on disk are half rewritten: the node is unusable
+                // (QEMU ejects its driver), and the next read-write open repairs it.
+                self.dead.store(true, std::sync::atomic::Ordering::Release);
+            }
+            r
         } else {
             let size = self.size();
             m.discard_clusters(0, size, DiscardType::Snapshot, true)

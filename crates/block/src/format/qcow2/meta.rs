@@ -27,7 +27,7 @@
 
 use crate::buffer::AlignedBuf;
 use crate::error::{Error, Result};
-use crate::node::{NodeRef, WriteFlags};
+use crate::node::{DebugEvent, NodeRef, WriteFlags};
 
 use super::cache::TableCache;
 use super::header::Header;
@@ -164,6 +164,7 @@ impl Meta {
             self.load_inactive_l2().await?;
         }
         if let Some((lo, bytes)) = self.l2_cache.dirty_part(offset, 512) {
+            self.file.debug_event(DebugEvent::L2Update).await;
             self.file_dirty = true;
             self.file
                 .write(offset + lo as u64, bytes, WriteFlags::NONE)
@@ -183,6 +184,7 @@ impl Meta {
             self.load_inactive_l2().await?;
         }
         if let Some((lo, bytes)) = self.rb_cache.dirty_part(offset, 512) {
+            self.file.debug_event(DebugEvent::RefblockUpdatePart).await;
             self.file_dirty = true;
             self.file
                 .write(offset + lo as u64, bytes, WriteFlags::NONE)
@@ -288,6 +290,7 @@ impl Meta {
             return Ok(());
         }
         self.make_room(TableKind::L2).await?;
+        self.file.debug_event(DebugEvent::L2Load).await;
         let t = self.read_table(offset).await?;
         self.l2_cache.insert(offset, t, false);
         Ok(())
@@ -299,6 +302,7 @@ impl Meta {
             return Ok(());
         }
         self.make_room(TableKind::Refblock).await?;
+        self.file.debug_event(DebugEvent::RefblockLoad).await;
         let t = self.read_table(offset).await?;
         self.rb_cache.insert(offset, t, false);
         Ok(())
@@ -360,6 +364,7 @@ impl Meta {
     pub async fn write_l1_entry(&mut self, index: u64) -> Result<()> {
         let off = self.h.l1_table_offset + index * 8;
         let bytes = self.l1[index as usize].to_be_bytes();
+        self.file.debug_event(DebugEvent::L1Update).await;
         self.write_meta(off, &bytes).await?;
         self.file_dirty = true;
         self.sync().await

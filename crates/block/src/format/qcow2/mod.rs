@@ -50,7 +50,7 @@ use tokio::sync::{Mutex, Notify};
 use crate::error::{Error, Result};
 use crate::info::{CheckReport, FormatInfo, RepairMode, SnapshotInfo};
 use crate::node::{
-    BlockDriver, BlockStatus, ChildRole, HostMapping, NodeRef, Prealloc, WriteFlags,
+    BlockDriver, BlockStatus, ChildRole, DebugEvent, HostMapping, NodeRef, Prealloc, WriteFlags,
 };
 
 use meta::Meta;
@@ -403,6 +403,7 @@ impl BlockDriver for Qcow2 {
         }
         {
             let mut m = self.meta.lock().await;
+            self.file.debug_event(DebugEvent::FlushToOs).await;
             let r = m.flush_caches().await;
             self.with_meta(&mut m, r).await?;
             m.data_unflushed = false;
@@ -410,6 +411,7 @@ impl BlockDriver for Qcow2 {
         if let Some(d) = &self.data_file {
             d.flush().await?;
         }
+        self.file.debug_event(DebugEvent::FlushToDisk).await;
         self.file.flush().await
     }
 
@@ -497,26 +499,30 @@ impl BlockDriver for Qcow2 {
         if let Err(e) = self.store_bitmaps(&mut m).await {
             crate::error::report(&e.to_string());
         }
-        // As QEMU closes: each cache failing to flush is reported, and the image then
-        // stays as it is (dirty, if it was).
-        let mut flushed = true;
-        if let Err(e) = m.flush_l2().await {
-            crate::error::report(&format!(
-                "Failed to flush the L2 table cache: {}",
-                crate::error::strerror(e.errno_value())
-            ));
-            flushed = false;
-        }
-        if m.h.incompatible_features & incompat::DIRTY == 0 {
-            if let Err(e) = m.flush_refblocks().await {
+        // As QEMU inactivates a node: each cache is written and the file flushed, and
+        // what fails is reported; the image stays dirty then (the errors go no further,
+        // as QEMU's close cannot fail).
+        let no_flush = m.no_flush;
+        let mut ok = true;
+        for what in ["L2 table", "refcount block"] {
+            let r = if what == "L2 table" {
+                m.flush_l2().await
+            } else {
+                m.flush_refblocks().await
+            };
+            let r = match r {
+                Ok(()) if !no_flush => self.file.flush().await,
+                r => r,
+            };
+            if let Err(e) = r {
                 crate::error::report(&format!(
-                    "Failed to flush the refcount block cache: {}",
+                    "Failed to flush the {what} cache: {}",
                     crate::error::strerror(e.errno_value())
                 ));
-                flushed = false;
+                ok = false;
             }
         }
-        if flushed {
+        if ok {
             m.mark_clean().await
         } else {
             Ok(())

@@ -168,6 +168,7 @@ impl Meta {
 
     /// Allocates clusters for `size` bytes and takes a reference on them.
     pub async fn alloc_clusters(&mut self, size: u64) -> Result<u64> {
+        self.file.debug_event(DebugEvent::ClusterAlloc).await;
         loop {
             let off = self.alloc_clusters_noref(size).await?;
             match self
