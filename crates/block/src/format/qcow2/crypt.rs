@@ -275,7 +275,7 @@ pub(super) async fn create(q: &Qcow2, file: &NodeRef, enc: &CreateEncryption) ->
             m.write_header().await
         }
         CreateEncryption::Luks(opts) => {
-            crate::crypto::secret::lookup(&opts.key_secret)?;
+            crate::crypto::secret::lookup_utf8(&opts.key_secret)?;
             let len = luks::header_len(opts.params.key_bytes());
             let off = {
                 let mut m = q.meta.lock().await;
