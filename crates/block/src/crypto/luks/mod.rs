@@ -189,10 +189,10 @@ impl LuksCreateOptions {
 pub fn parse_iter_time(v: &str) -> Result<u64> {
     rqemu_opts::parse_c_u64(v)
         .ok()
-        .filter(|&n| n > 0 && n <= u32::MAX as u64)
+        .filter(|&n| n <= u32::MAX as u64)
         .ok_or_else(|| {
             CryptoError::invalid(format!(
-                "Parameter 'iter-time' expects a positive number of milliseconds, got '{v}'"
+                "Parameter 'iter-time' expects a number of milliseconds, got '{v}'"
             ))
         })
 }
@@ -533,7 +533,8 @@ pub struct LuksAmendOptions {
     pub iter_time: Option<u64>,
 }
 
-/// The LUKS header of `area`, without unlocking anything (hostile input checks).
+/// Parses and validates a LUKS header from its bytes, unlocking nothing (for checks of
+/// untrusted input).
 pub fn parse_header(bytes: &[u8]) -> Result<(LuksHeader, LuksParams)> {
     let h = LuksHeader::parse(bytes)?;
     let p = LuksParams::from_header(&h)?;
