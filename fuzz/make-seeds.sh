@@ -19,3 +19,17 @@ for o in cluster_size=512 cluster_size=512,compat=0.10 cluster_size=512,refcount
     i=$((i + 1))
 done
 echo "seeds in $out"
+# luks_header: small LUKS volumes (cheap key slots: iter-time=1 gives QEMU's minimum of
+# 1000 iterations), password "fuzz" as the target defines it.
+out=corpus/luks_header
+mkdir -p "$out"
+i=0
+for o in "" ",cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,hash-alg=sha1"; do
+    img="$tmp/seed.luks"
+    rm -f "$img"
+    qemu-img create -q -f luks --object secret,id=s,data=fuzz \
+        -o "key-secret=s,iter-time=1$o" "$img" 4k
+    cp "$img" "$out/seed-$i"
+    i=$((i + 1))
+done
+echo "seeds in $out"

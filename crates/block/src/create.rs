@@ -87,8 +87,54 @@ pub const FILE_OPTS: &[OptDesc] = &[
     ),
 ];
 
+/// Options of luks, in the order QEMU prints them in the `Formatting` line.
+pub const LUKS_OPT_LIST: [OptDesc; 9] = [
+    opt("size", OptKind::Size, "Virtual disk size"),
+    opt(
+        "key-secret",
+        OptKind::Str,
+        "ID of the secret that provides the keyslot passphrase",
+    ),
+    opt(
+        "cipher-alg",
+        OptKind::Str,
+        "Name of encryption cipher algorithm",
+    ),
+    opt(
+        "cipher-mode",
+        OptKind::Str,
+        "Name of encryption cipher mode",
+    ),
+    opt("ivgen-alg", OptKind::Str, "Name of IV generator algorithm"),
+    opt(
+        "ivgen-hash-alg",
+        OptKind::Str,
+        "Name of IV generator hash algorithm",
+    ),
+    opt(
+        "hash-alg",
+        OptKind::Str,
+        "Name of encryption hash algorithm",
+    ),
+    opt(
+        "iter-time",
+        OptKind::Number,
+        "Time to spend in PBKDF in milliseconds",
+    ),
+    opt(
+        "detached-header",
+        OptKind::Bool,
+        "Create a detached LUKS header",
+    ),
+];
+
 /// Options of qcow2, in the order QEMU prints them in the `Formatting` line.
 pub const QCOW2_OPTS: &[OptDesc] = &[
+    opt(
+        "encryption",
+        OptKind::Bool,
+        "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+    ),
     opt(
         "encrypt.format",
         OptKind::Str,
@@ -164,11 +210,6 @@ pub const QCOW2_OPTS: &[OptDesc] = &[
         OptKind::Bool,
         "The external data file must stay valid as a raw image",
     ),
-    opt(
-        "encryption",
-        OptKind::Bool,
-        "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
-    ),
     opt_def(
         "lazy_refcounts",
         OptKind::Bool,
@@ -194,6 +235,7 @@ pub fn format_opts(format: &str) -> Option<&'static [OptDesc]> {
     match format {
         "qcow2" => Some(QCOW2_OPTS),
         "raw" => Some(RAW_OPTS),
+        "luks" => Some(&LUKS_OPT_LIST),
         _ => None,
     }
 }
@@ -274,6 +316,18 @@ const QCOW2_AMENDABLE: &[&str] = &[
 /// The options `amend` takes for `format`, sorted by name (`None`: the format cannot
 /// amend).
 pub fn amend_opts(format: &str) -> Option<Vec<OptDesc>> {
+    if format == "luks" {
+        let mut v: Vec<OptDesc> = QCOW2_AMEND_ONLY
+            .iter()
+            .chain(QCOW2_OPTS.iter().filter(|o| o.name == "encrypt.iter-time"))
+            .map(|o| OptDesc {
+                name: o.name.trim_start_matches("encrypt."),
+                ..*o
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(b.name));
+        return Some(v);
+    }
     if format != "qcow2" {
         return None;
     }
@@ -414,6 +468,11 @@ impl CreateOptions {
         self.get(name).and_then(rqemu_opts::bool_opt)
     }
 
+    /// The options given, in print order, as (name, value).
+    pub fn values(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.values.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     /// Removes an option.
     pub fn remove(&mut self, name: &str) {
         self.values.retain(|(k, _)| k != name);
@@ -450,6 +509,7 @@ pub async fn create(filename: &str, opts: &CreateOptions) -> Result<()> {
     match opts.format() {
         "qcow2" => qcow2::create::create(filename, opts).await,
         "raw" => raw::create(filename, opts).await,
+        "luks" => crate::format::luks::create(filename, opts).await,
         other => Err(Error::unsupported(format!(
             "Format driver '{other}' does not support image creation"
         ))),

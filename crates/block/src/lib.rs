@@ -16,6 +16,7 @@
 pub mod backend;
 pub mod buffer;
 pub mod create;
+pub mod crypto;
 pub mod error;
 pub mod format;
 pub mod graph;

@@ -216,6 +216,11 @@ pub trait BlockDriver: Send + Sync + 'static {
         false
     }
 
+    /// Whether the node encrypts its data (`encrypted: yes` in `qemu-img info`).
+    fn encrypted(&self) -> bool {
+        false
+    }
+
     /// The driver as `Any`, to reach format-specific operations.
     fn as_any(&self) -> &dyn Any;
 

@@ -313,7 +313,7 @@ pub async fn open_node(
 
 fn unknown_driver(name: &str) -> Error {
     match name {
-        "qcow" | "qed" | "vdi" | "vmdk" | "vpc" | "vhdx" | "luks" | "dmg" | "parallels"
+        "qcow" | "qed" | "vdi" | "vmdk" | "vpc" | "vhdx" | "dmg" | "parallels"
         | "cloop" => Error::unsupported(format!(
             "Driver '{name}' is not supported by this build of rqemu"
         )),
@@ -432,19 +432,27 @@ async fn format_over(
                         ..flags.clone()
                     };
                     let bfmt = backing_kv.get("driver").map(str::to_string).or(bfmt);
-                    let backing = Box::pin(open_node(
-                        &path,
-                        bfmt.as_deref(),
-                        KeyVal::new(),
-                        &bflags,
-                        chain,
-                    ))
-                    .await
-                    .map_err(|e| e.context("Could not open backing file"))?;
+                    let bkv = crate::format::qcow2::crypt::backing_encrypt_options(&backing_kv);
+                    let backing = Box::pin(open_node(&path, bfmt.as_deref(), bkv, &bflags, chain))
+                        .await
+                        .map_err(|e| e.context("Could not open backing file"))?;
                     q.set_backing(Some(backing)).await;
                 }
             }
             Ok(q)
+        }
+        "luks" => {
+            let secret = kv.take("key-secret");
+            reject_unknown("luks", &kv, false)?;
+            Ok(Arc::new(
+                crate::format::luks::LuksNode::open(
+                    file_ref,
+                    secret.as_deref(),
+                    flags.no_io,
+                    flags.read_only,
+                )
+                .await?,
+            ))
         }
         "compress" => {
             reject_unknown("compress", &kv, false)?;

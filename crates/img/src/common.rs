@@ -84,6 +84,8 @@ pub struct ImageArgs {
     pub unmap: bool,
     /// Open the backing node this many levels down read-write too.
     pub writable_backing: Option<u32>,
+    /// Further open options (`encrypt.key-secret` of a target qemu-img created).
+    pub extra: Vec<(String, String)>,
 }
 
 /// Opens an image as qemu-img's `img_open` does; errors are reported as
@@ -124,6 +126,9 @@ pub async fn open_image_err(a: &ImageArgs) -> rqemu_block::Result<BlockBackend> 
     } else {
         o.filename = a.filename.clone();
         o.format = a.format.clone();
+    }
+    for (k, v) in &a.extra {
+        o.options.set(k, v);
     }
     BlockBackend::open(&o).await
 }
@@ -208,8 +213,8 @@ const OBJECT_TYPES: &[&str] = &[
 ];
 
 /// The `--object` definitions of one command line (QEMU's user-creatable objects). rqemu
-/// validates them as QEMU does when it creates them; nothing uses them yet (no encrypted
-/// images or throttling).
+/// validates them as QEMU does when it creates them; secrets are handed to the block
+/// layer's registry ([`rqemu_block::crypto::secret`]) for encrypted images.
 #[derive(Debug, Default)]
 pub struct Objects {
     ids: Vec<String>,
@@ -276,18 +281,17 @@ impl Objects {
                     other => return invalid(&format!("Parameter '{other}' is unexpected")),
                 }
             }
-            match (kv.get("data"), kv.get("file")) {
-                (Some(_), Some(_)) => return invalid("'data' and 'file' are mutually exclusive"),
-                (None, None) => return invalid("Either 'file' or 'data' must be provided"),
-                (None, Some(f)) => {
-                    if let Err(e) = std::fs::read(f) {
-                        return invalid(&format!(
-                            "Unable to read {f}: Failed to open file “{f}”: {}",
-                            rqemu_block::error::strerror(e.raw_os_error().unwrap_or(libc::EIO))
-                        ));
+            match rqemu_block::crypto::secret::load(
+                kv.get("data"),
+                kv.get("file"),
+                kv.get("format"),
+            ) {
+                Ok(value) => {
+                    if !self.contains(id) {
+                        rqemu_block::crypto::secret::define(id, value);
                     }
                 }
-                _ => {}
+                Err(e) => return invalid(&e.to_string()),
             }
         }
         if self.ids.iter().any(|i| i == id) {

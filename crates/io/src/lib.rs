@@ -42,6 +42,25 @@ const LONG: &[LongOpt] = &[
     LongOpt::new("force-share", HasArg::No, 'U' as i32),
 ];
 
+/// Handles one `--object` definition: secrets go to the block layer's registry; other
+/// object types are accepted and have no effect in rqemu-io.
+fn define_object(def: &str) -> Result<(), String> {
+    let kv = rqemu_opts::KeyVal::parse(def, Some("qom-type")).map_err(|e| e.to_string())?;
+    let Some(ty) = kv.get("qom-type") else {
+        return Err("Parameter 'qom-type' is missing".into());
+    };
+    if ty != "secret" {
+        return Ok(());
+    }
+    let Some(id) = kv.get("id") else {
+        return Err("Parameter 'id' is missing".into());
+    };
+    let value = rqemu_block::crypto::secret::load(kv.get("data"), kv.get("file"), kv.get("format"))
+        .map_err(|e| e.to_string())?;
+    rqemu_block::crypto::secret::define(id, value);
+    Ok(())
+}
+
 fn usage(prog: &str) {
     outp!(
         "Usage: {prog} [OPTIONS]... [-c STRING]... [file]\n\
@@ -151,6 +170,12 @@ fn main_inner(prog: &str, args: &[String]) -> i32 {
             },
             k if k == 'U' as i32 => opts.force_share = true,
             IMAGE_OPTS => image_opts = true,
+            OBJECT => {
+                if let Err(e) = define_object(&v) {
+                    eprintln!("{prog}: {e}");
+                    return 1;
+                }
+            }
             _ => {}
         }
     }
@@ -171,6 +196,7 @@ fn main_inner(prog: &str, args: &[String]) -> i32 {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let mut st = State::new(prog.to_string());
+        st.image_opts = image_opts;
         if let Some(file) = p.operands.first() {
             if image_opts {
                 if opts.format.is_some() {

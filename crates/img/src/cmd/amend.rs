@@ -3,6 +3,8 @@
 //! cannot change as qemu-img does.
 
 use rqemu_block::create::{amend_help_text, amend_opts, merged_opts, CreateOptions};
+use rqemu_block::crypto::luks::LuksAmendOptions;
+use rqemu_block::format::luks::LuksNode;
 use rqemu_block::format::qcow2::amend::Amend;
 use rqemu_block::format::qcow2::Qcow2;
 use rqemu_block::CacheMode;
@@ -60,6 +62,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let mut options: Option<String> = None;
     let (mut progress, mut quiet) = (false, false);
     let mut objects = Objects::default();
+    let mut force = false;
     for (k, v) in &p.opts {
         let v = v.clone().unwrap_or_default();
         match *k {
@@ -78,7 +81,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             k if k == 'p' as i32 => progress = true,
             k if k == 'q' as i32 => quiet = true,
             IMAGE_OPTS => a.image_opts = true,
-            FORCE => {}
+            FORCE => force = true,
             OBJECT => {
                 if let Err(c) = objects.define(ctx, &v, 1) {
                     return c;
@@ -94,7 +97,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
         progress = false;
     }
     let mut meter = Progress::new(progress, 1.0);
-    let code = amend(ctx, &mut a, &options, &p.operands, &mut meter);
+    let code = amend(ctx, &mut a, &options, &p.operands, &mut meter, force);
     meter.end();
     code
 }
@@ -120,6 +123,7 @@ fn amend(
     options: &str,
     operands: &[String],
     meter: &mut Progress,
+    force: bool,
 ) -> i32 {
     if let Some(f) = &a.format {
         if has_help_option(options) {
@@ -153,19 +157,34 @@ fn amend(
                     ctx.error(&msg);
                     1
                 }
-                Ok(am) => {
+                Ok((am, enc)) => {
                     meter.print(0.0, 0);
-                    let q = blk.root().as_any().downcast_ref::<Qcow2>();
-                    let r = match q {
-                        Some(q) => {
+                    let root = blk.root();
+                    let q = root.as_any().downcast_ref::<Qcow2>();
+                    let luks = root.as_any().downcast_ref::<LuksNode>();
+                    let r = match (q, luks) {
+                        (Some(q), _) => {
                             let mut cb = |done: u64, total: u64| {
                                 if total > 0 {
                                     meter.print(100.0 * done as f32 / total as f32, 0);
                                 }
                             };
-                            q.amend(&am, &mut cb).await
+                            match &enc {
+                                Some(e) if !q.is_encrypted() => q.amend_encryption(e, force).await,
+                                _ => match q.amend(&am, &mut cb).await {
+                                    Ok(()) => match &enc {
+                                        Some(e) => q.amend_encryption(e, force).await,
+                                        None => Ok(()),
+                                    },
+                                    Err(e) => Err(e),
+                                },
+                            }
                         }
-                        None => Err(rqemu_block::Error::errno(libc::ENOTSUP)),
+                        (None, Some(l)) => match &enc {
+                            Some(e) => l.amend(e, force).await,
+                            None => Ok(()),
+                        },
+                        _ => Err(rqemu_block::Error::errno(libc::ENOTSUP)),
                     };
                     meter.print(100.0, 0);
                     match r {
@@ -189,8 +208,8 @@ fn amend(
 }
 
 /// Parses `-o` against what the format can amend; an option that only creation takes
-/// gets qemu-img's hint.
-fn parse_options(fmt: &str, options: &str) -> Result<Amend, String> {
+/// gets qemu-img's hint. Key slot changes come back separately.
+fn parse_options(fmt: &str, options: &str) -> Result<(Amend, Option<LuksAmendOptions>), String> {
     let Some(descs) = amend_opts(fmt) else {
         return Err(format!(
             "Format driver '{fmt}' does not support option amendment"
@@ -205,13 +224,10 @@ fn parse_options(fmt: &str, options: &str) -> Result<Amend, String> {
         }
         return Err(msg);
     }
-    if o.has("encrypt.iter-time")
-        || o.has("encrypt.keyslot")
-        || o.has("encrypt.new-secret")
-        || o.has("encrypt.old-secret")
-        || o.has("encrypt.state")
-    {
-        return Err("Can't amend encryption options - encryption not present".into());
+    let prefix = if fmt == "qcow2" { "encrypt." } else { "" };
+    let enc = luks_amend_options(&o, prefix)?;
+    if fmt == "luks" {
+        return Ok((Amend::default(), enc));
     }
     let version = match o.get("compat") {
         None => None,
@@ -219,16 +235,54 @@ fn parse_options(fmt: &str, options: &str) -> Result<Amend, String> {
         Some("1.1") | Some("v3") => Some(3),
         Some(other) => return Err(format!("Unknown compatibility level {other}")),
     };
-    Ok(Amend {
-        version,
-        lazy_refcounts: o.get_bool("lazy_refcounts"),
-        refcount_bits: o
-            .get("refcount_bits")
-            .and_then(rqemu_block::create::parse_number),
-        size: o.get_size("size"),
-        backing_file: o.get("backing_file").map(str::to_string),
-        backing_fmt: o.get("backing_fmt").map(str::to_string),
-        data_file: o.get("data_file").map(str::to_string),
-        data_file_raw: o.get_bool("data_file_raw"),
-    })
+    Ok((
+        Amend {
+            version,
+            lazy_refcounts: o.get_bool("lazy_refcounts"),
+            refcount_bits: o
+                .get("refcount_bits")
+                .and_then(rqemu_block::create::parse_number),
+            size: o.get_size("size"),
+            backing_file: o.get("backing_file").map(str::to_string),
+            backing_fmt: o.get("backing_fmt").map(str::to_string),
+            data_file: o.get("data_file").map(str::to_string),
+            data_file_raw: o.get_bool("data_file_raw"),
+        },
+        enc,
+    ))
+}
+
+/// The key slot options (`state`, `keyslot`, `new-secret`, `old-secret`, `iter-time`,
+/// each after `prefix`), if any is given.
+fn luks_amend_options(o: &CreateOptions, prefix: &str) -> Result<Option<LuksAmendOptions>, String> {
+    let get = |k: &str| o.get(&format!("{prefix}{k}"));
+    let keys = ["state", "keyslot", "new-secret", "old-secret", "iter-time"];
+    if !keys.iter().any(|k| get(k).is_some()) {
+        return Ok(None);
+    }
+    let active = match get("state") {
+        None => return Err("Parameter 'state' is missing".into()),
+        Some("active") => true,
+        Some("inactive") => false,
+        Some(v) => return Err(format!("Parameter 'state' does not accept value '{v}'")),
+    };
+    let keyslot = match get("keyslot") {
+        None => None,
+        Some(v) => Some(
+            rqemu_opts::parse_c_u64(v)
+                .map(|n| n as i64)
+                .map_err(|_| format!("Parameter 'keyslot' expects an integer, got '{v}'"))?,
+        ),
+    };
+    let iter_time = match get("iter-time") {
+        None => None,
+        Some(v) => Some(rqemu_block::crypto::luks::parse_iter_time(v).map_err(|e| e.to_string())?),
+    };
+    Ok(Some(LuksAmendOptions {
+        active,
+        keyslot,
+        old_secret: get("old-secret").map(str::to_string),
+        new_secret: get("new-secret").map(str::to_string),
+        iter_time,
+    }))
 }

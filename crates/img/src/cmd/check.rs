@@ -127,6 +127,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     };
     let mut json = false;
     let mut quiet = false;
+    let mut objects = crate::common::Objects::default();
     let mut repair = RepairMode::default();
     for (k, v) in &p.opts {
         let v = v.clone().unwrap_or_default();
@@ -167,6 +168,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Ok(j) => json = j,
                 Err(c) => return c,
             },
+            OBJECT => {
+                if let Err(c) = objects.define(ctx, &v, 1) {
+                    return c;
+                }
+            }
             IMAGE_OPTS => a.image_opts = true,
             _ => {}
         }

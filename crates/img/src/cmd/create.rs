@@ -87,6 +87,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     let mut options: Option<String> = None;
     let mut quiet = false;
     let mut unsafe_backing = false;
+    let mut objects = crate::common::Objects::default();
     for (k, v) in &p.opts {
         let v = v.clone().unwrap_or_default();
         match *k {
@@ -110,7 +111,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             }
             k if k == 'q' as i32 => quiet = true,
             k if k == 'u' as i32 => unsafe_backing = true,
-            OBJECT => {}
+            OBJECT => {
+                if let Err(c) = objects.define(ctx, &v, 1) {
+                    return c;
+                }
+            }
             _ => {}
         }
     }

@@ -62,6 +62,9 @@ pub async fn graph_info(node: &NodeRef) -> QDict {
         d.insert("actual-size", a);
     }
     d.insert("virtual-size", sectors(node.size()));
+    if node.encrypted() {
+        d.insert("encrypted", true);
+    }
     if let Some(q) = node
         .as_any()
         .downcast_ref::<rqemu_block::format::qcow2::Qcow2>()
@@ -226,6 +229,9 @@ fn dump_node(
         },
         size_to_str(vsize),
     ));
+    if matches!(get(d, "encrypted"), Some(QValue::Bool(true))) {
+        out.push_str(&format!("{ind}encrypted: yes\n"));
+    }
     if let Some(cs) = get_u64(d, "cluster-size") {
         out.push_str(&format!("{ind}cluster_size: {cs}\n"));
     }
@@ -299,6 +305,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     };
     let mut json = false;
     let mut chain = false;
+    let mut objects = crate::common::Objects::default();
     for (k, v) in &p.opts {
         let v = v.clone().unwrap_or_default();
         match *k {
@@ -318,6 +325,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 Ok(j) => json = j,
                 Err(c) => return c,
             },
+            OBJECT => {
+                if let Err(c) = objects.define(ctx, &v, 1) {
+                    return c;
+                }
+            }
             IMAGE_OPTS => a.image_opts = true,
             _ => {}
         }

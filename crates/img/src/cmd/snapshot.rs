@@ -65,6 +65,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     };
     let mut action: Option<(Action, String)> = None;
     let mut quiet = false;
+    let mut objects = crate::common::Objects::default();
     for (k, v) in &p.opts {
         let v = v.clone().unwrap_or_default();
         let set =
@@ -102,6 +103,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             }
             k if k == 'U' as i32 => {
                 a.force_share = true;
+                Ok(())
+            }
+            OBJECT => {
+                if let Err(c) = objects.define(ctx, &v, 1) {
+                    return c;
+                }
                 Ok(())
             }
             IMAGE_OPTS => {

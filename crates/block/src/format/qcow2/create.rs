@@ -40,6 +40,8 @@ pub struct Qcow2CreateParams {
     pub data_file: Option<String>,
     /// The data file stays a valid raw image.
     pub data_file_raw: bool,
+    /// Encryption of guest data.
+    pub encryption: Option<super::crypt::CreateEncryption>,
 }
 
 impl Qcow2CreateParams {
@@ -71,11 +73,7 @@ impl Qcow2CreateParams {
                 ))
             })?,
         };
-        if o.get("encrypt.format").is_some() || o.get_bool("encryption") == Some(true) {
-            return Err(Error::unsupported(
-                "Encrypted qcow2 images are not supported by this build of rqemu",
-            ));
-        }
+        let encryption = super::crypt::create_options(o)?;
         let size = o
             .get_size("size")
             .ok_or_else(|| Error::invalid("Image creation needs a size parameter"))?
@@ -172,6 +170,7 @@ impl Qcow2CreateParams {
             backing: backing_file.map(|f| (f, backing_fmt)),
             data_file,
             data_file_raw,
+            encryption,
         })
     }
 }
@@ -334,6 +333,9 @@ pub async fn create_on(
                     e.errno_value(),
                 )
             })?;
+    }
+    if let Some(enc) = &p.encryption {
+        super::crypt::create(&q, file, enc).await?;
     }
     q.close().await?;
     file.flush().await?;

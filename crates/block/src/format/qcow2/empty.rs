@@ -23,7 +23,7 @@ impl Qcow2 {
             && m.snapshots.is_empty()
             && nb_bitmaps == 0
             && 3 + l1_clusters <= refblock_entries
-            && m.h.crypt_method == 0
+            && m.h.crypt_method != super::crypt::CRYPT_LUKS
             && m.data_file.is_none()
         {
             make_completely_empty(&mut m, l1_clusters).await

@@ -314,12 +314,24 @@ impl Header {
                     });
                 }
                 ext::CRYPTO => {
+                    if self.crypt_method != 2 {
+                        return Err(Error::invalid(
+                            "CRYPTO header extension only expected with LUKS encryption method",
+                        ));
+                    }
                     if len != 16 {
                         return Err(Error::invalid(format!(
                             "CRYPTO header extension size {len}, but expected size 16"
                         )));
                     }
-                    self.crypto_header = Some((be64(data, 0), be64(data, 8)));
+                    let off = be64(data, 0);
+                    let cs = 1u64 << self.cluster_bits;
+                    if !off.is_multiple_of(cs) {
+                        return Err(Error::invalid(format!(
+                            "Encryption header offset '{off}' is not a multiple of cluster size '{cs}'"
+                        )));
+                    }
+                    self.crypto_header = Some((off, be64(data, 8)));
                 }
                 ext::DATA_FILE => {
                     self.data_file = Some(String::from_utf8_lossy(data).into_owned());

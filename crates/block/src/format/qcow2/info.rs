@@ -54,6 +54,9 @@ pub async fn format_info(q: &Qcow2) -> Result<FormatInfo> {
         }
     }
     d.insert("refcount-bits".into(), json!(m.geo.refcount_bits()));
+    if let Some(e) = q.encrypt_info().await {
+        d.insert("encrypt".into(), Value::Object(e));
+    }
     if m.has_data_file() {
         if let Some(name) = &m.h.data_file {
             d.insert("data-file".into(), json!(name));

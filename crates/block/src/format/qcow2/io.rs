@@ -34,7 +34,7 @@ impl Qcow2 {
                     self.read_backing(pos, chunk).await?;
                 }
                 ScType::ZeroPlain | ScType::ZeroAlloc => chunk.fill(0),
-                ScType::Normal => self.data().read(mapping.host, chunk).await?,
+                ScType::Normal => self.read_data(pos, mapping.host, chunk).await?,
                 ScType::Compressed => {
                     let data = self.decompress_cluster(mapping.entry).await?;
                     let from = self.geo.offset_in_cluster(pos) as usize;
@@ -86,8 +86,17 @@ impl Qcow2 {
         Ok(out)
     }
 
-    /// Writes guest data, allocating clusters as needed.
+    /// Writes guest data, allocating clusters as needed (encrypting it, for encrypted
+    /// images).
     pub(super) async fn write_guest(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        match &self.encryption {
+            Some(e) => self.write_encrypted(e, offset, buf).await,
+            None => self.write_guest_aligned(offset, buf).await,
+        }
+    }
+
+    /// Writes guest data (whole sectors, when encrypted).
+    pub(super) async fn write_guest_aligned(&self, offset: u64, buf: &[u8]) -> Result<()> {
         let mut done = 0usize;
         if self.data_file_raw {
             if let Some(d) = &self.data_file {
@@ -188,7 +197,7 @@ impl Qcow2 {
             let data_end = m.offset + m.cow_end.offset;
             if data_start == pos && data_end == pos + data.len() as u64 {
                 if m.cow_start.bytes == 0 && m.cow_end.bytes == 0 {
-                    return self.data().write(host, data, WriteFlags::NONE).await;
+                    return self.write_data(pos, host, data).await;
                 }
                 let total = (m.cow_start.bytes + data.len() as u64 + m.cow_end.bytes) as usize;
                 let mut merged = AlignedBuf::io(total);
@@ -200,16 +209,15 @@ impl Qcow2 {
                 self.read_guest(m.offset + m.cow_end.offset, &mut merged[tail_from..])
                     .await?;
                 return self
-                    .data()
-                    .write(
+                    .write_data(
+                        m.offset + m.cow_start.offset,
                         m.alloc_offset + m.cow_start.offset,
                         &merged,
-                        WriteFlags::NONE,
                     )
                     .await;
             }
         }
-        self.data().write(host, data, WriteFlags::NONE).await?;
+        self.write_data(pos, host, data).await?;
         self.write_cow(pos, metas).await
     }
 
@@ -222,9 +230,12 @@ impl Qcow2 {
                 }
                 let mut buf = AlignedBuf::io(region.bytes as usize);
                 self.read_guest(m.offset + region.offset, &mut buf).await?;
-                self.data()
-                    .write(m.alloc_offset + region.offset, &buf, WriteFlags::NONE)
-                    .await?;
+                self.write_data(
+                    m.offset + region.offset,
+                    m.alloc_offset + region.offset,
+                    &buf,
+                )
+                .await?;
             }
         }
         Ok(())
@@ -246,6 +257,11 @@ impl Qcow2 {
         if self.data_file.is_some() {
             return Err(Error::unsupported(
                 "Compression is not supported with external data files",
+            ));
+        }
+        if self.is_encrypted() {
+            return Err(Error::unsupported(
+                "Compression and encryption not supported at the same time",
             ));
         }
         if self.geo.offset_in_cluster(offset) != 0 {

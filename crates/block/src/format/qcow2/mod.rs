@@ -22,6 +22,7 @@ pub mod check;
 pub mod cluster;
 pub mod compress;
 pub mod create;
+pub mod crypt;
 pub mod dirty_bitmap;
 pub mod empty;
 pub mod header;
@@ -82,12 +83,17 @@ pub struct Qcow2 {
     bitmaps: StdMutex<Vec<bitmaps_store::LiveBitmap>>,
     /// Some bitmap is enabled: writes must set bits.
     bitmaps_tracking: AtomicBool,
+    /// Encryption of guest data ([`crypt`]), when the header asks for it.
+    encryption: Option<crypt::Encryption>,
+    /// The `json:` name of a node opened with a key secret.
+    json_name: Option<String>,
 }
 
 impl Qcow2 {
     /// Opens the qcow2 image stored in `file`.
     pub async fn open(file: NodeRef, opts: Qcow2Options) -> Result<Arc<Qcow2>> {
         let mut meta = open::load(&file, &opts).await?;
+        let encryption = crypt::open(&file, &meta, opts.key_secret.as_deref(), opts.no_io).await?;
         let has_data_file = meta.has_data_file();
         if has_data_file && opts.data_file.is_none() && !opts.no_io {
             return Err(Error::invalid("'data-file' is required for this image"));
@@ -110,6 +116,11 @@ impl Qcow2 {
             metadata_prealloc: std::sync::atomic::AtomicU8::new(0),
             bitmaps: StdMutex::new(Vec::new()),
             bitmaps_tracking: AtomicBool::new(false),
+            encryption,
+            json_name: opts
+                .key_secret
+                .as_deref()
+                .and_then(|k| crypt::json_filename("qcow2", &file, "encrypt.key-secret", k)),
             meta: Mutex::new({
                 meta.no_flush = opts.no_flush;
                 meta
@@ -275,7 +286,10 @@ impl BlockDriver for Qcow2 {
     }
 
     fn filename(&self) -> String {
-        self.file.filename()
+        match &self.json_name {
+            Some(j) => j.clone(),
+            None => self.file.filename(),
+        }
     }
 
     fn size(&self) -> u64 {
@@ -299,6 +313,10 @@ impl BlockDriver for Qcow2 {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn encrypted(&self) -> bool {
+        self.is_encrypted()
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -340,7 +358,7 @@ impl BlockDriver for Qcow2 {
     }
 
     fn compressor(&self) -> Option<compress::Compressor> {
-        (self.data_file.is_none()).then(|| Qcow2::compressor(self))
+        (self.data_file.is_none() && !self.is_encrypted()).then(|| Qcow2::compressor(self))
     }
 
     async fn write_precompressed(
@@ -406,7 +424,8 @@ impl BlockDriver for Qcow2 {
             len: mapping.len.min(len),
             ..Default::default()
         };
-        if mapping.ty.has_host() {
+        // Encrypted data is not what the file holds: no mapping to it.
+        if mapping.ty.has_host() && !self.is_encrypted() {
             st.host = Some(HostMapping {
                 node: Some(self.data().clone()),
                 offset: mapping.host,
@@ -449,6 +468,9 @@ impl BlockDriver for Qcow2 {
             .unwrap_or(true);
         if !preallocated {
             return true;
+        }
+        if self.is_encrypted() {
+            return false;
         }
         match &self.data_file {
             Some(d) => d.has_zero_init(),

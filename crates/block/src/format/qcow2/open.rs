@@ -30,6 +30,10 @@ pub struct Qcow2Options {
     pub data_file: Option<NodeRef>,
     /// The runtime options (`lazy-refcounts`, caches, overlap check, discards).
     pub runtime: RuntimeOptions,
+    /// `encrypt.key-secret`: the id of the secret that unlocks an encrypted image.
+    pub key_secret: Option<String>,
+    /// `encrypt.format`, checked against the header.
+    pub encrypt_format: Option<String>,
 }
 
 impl Qcow2Options {
@@ -38,6 +42,8 @@ impl Qcow2Options {
     pub fn take_from(kv: &mut KeyVal) -> Result<Qcow2Options> {
         Ok(Qcow2Options {
             runtime: RuntimeOptions::take_from(kv)?,
+            key_secret: kv.take("encrypt.key-secret"),
+            encrypt_format: kv.take("encrypt.format"),
             ..Default::default()
         })
     }
@@ -139,10 +145,23 @@ pub(super) async fn load(file: &NodeRef, opts: &Qcow2Options) -> Result<Meta> {
             h.crypt_method
         )));
     }
-    if h.crypt_method != 0 {
-        return Err(Error::unsupported(
-            "Encrypted qcow2 images are not supported by this build of rqemu",
-        ));
+    let header_format = match h.crypt_method {
+        1 => Some("aes"),
+        2 => Some("luks"),
+        _ => None,
+    };
+    match (header_format, opts.encrypt_format.as_deref()) {
+        (None, Some(f)) => {
+            return Err(Error::invalid(format!(
+                "No encryption in image header, but options specified format '{f}'"
+            )))
+        }
+        (Some(hf), Some(f)) if hf != f => {
+            return Err(Error::invalid(format!(
+                "Header reported '{hf}' encryption format but options specify '{f}'"
+            )))
+        }
+        _ => {}
     }
     if h.refcount_table_clusters == 0 && !opts.check {
         return Err(Error::invalid(
@@ -196,6 +215,12 @@ pub(super) async fn load(file: &NodeRef, opts: &Qcow2Options) -> Result<Meta> {
         })?;
     let end = h.extensions_end();
     h.parse_extensions(&cluster0, end)?;
+    if h.crypt_method == 2 && h.crypto_header.is_none() {
+        return Err(Error::invalid(format!(
+            "Missing CRYPTO header for crypt method {}",
+            h.crypt_method
+        )));
+    }
     let has_data_file = h.incompatible_features & incompat::DATA_FILE != 0;
     if !has_data_file && opts.data_file.is_some() {
         return Err(Error::invalid(

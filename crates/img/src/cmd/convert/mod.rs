@@ -523,6 +523,13 @@ async fn setup(
         writable: true,
         cache: Some(a.cache.clone()),
         unmap: min_sparse > 0,
+        // As qemu-img passes on the secrets of the image it created.
+        extra: create_opts
+            .iter()
+            .flat_map(|o| o.values())
+            .filter(|(k, _)| k.ends_with("key-secret"))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         ..Default::default()
     };
     let Some(target) = open_image(ctx, &ta).await else {
