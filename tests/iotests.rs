@@ -21,7 +21,7 @@ use rqemu::{bin, have};
 
 /// The formats (and protocols) the suite runs for; a new one joins with its entries in
 /// `expected.txt`.
-const FORMATS: &[&str] = &["qcow2", "raw"];
+const FORMATS: &[&str] = &["qcow2", "raw", "luks"];
 
 /// Longest time one format's run may take.
 const TIMEOUT_SECS: u32 = 1500;

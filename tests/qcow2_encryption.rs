@@ -422,3 +422,41 @@ fn hostile_crypto_header_extensions_fail_as_in_qemu() {
         assert_eq!(r, q, "extension field {at:#x} = {value:#x}");
     }
 }
+
+#[test]
+fn create_option_errors_match_qemu() {
+    require_qemu!();
+    let s = Scratch::new("enc-create");
+    let cases = [
+        "encrypt.format=foo",
+        "encrypt.format=luks",
+        "encryption=on",
+        "encrypt.format=luks,encrypt.key-secret=sec9",
+        "encryption=on,encrypt.format=luks,encrypt.key-secret=sec0",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg=foo",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha1",
+        "encrypt.format=aes,encrypt.key-secret=sec0,encrypt.cipher-alg=aes-128",
+        "encrypt.format=aes,encrypt.key-secret=sec0,encrypt.iter-time=10",
+    ];
+    for o in cases {
+        let img = s.file("c.qcow2");
+        let q = run(
+            "qemu-img",
+            &[
+                "create", "-q", "-f", "qcow2", "--object", SECRET, "-o", o, &img, "1M",
+            ],
+        );
+        let r = run(
+            rqemu_img(),
+            &[
+                "create", "-q", "-f", "qcow2", "--object", SECRET, "-o", o, &img, "1M",
+            ],
+        );
+        assert_eq!(
+            normalize(&String::from_utf8_lossy(&r.stderr)),
+            normalize(&String::from_utf8_lossy(&q.stderr)),
+            "{o}"
+        );
+        assert_eq!(r.status.code(), q.status.code(), "{o}");
+    }
+}

@@ -197,6 +197,7 @@ fn main_inner(prog: &str, args: &[String]) -> i32 {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let mut st = State::new(prog.to_string());
+        st.image_opts = image_opts;
         if let Some(file) = p.operands.first() {
             if image_opts {
                 if opts.format.is_some() {

@@ -13,6 +13,8 @@ pub struct State {
     pub opts: Option<OpenOptions>,
     /// Asynchronous requests not yet waited for.
     pub aio: Vec<tokio::task::JoinHandle<()>>,
+    /// Started with `--image-opts`: `open` takes an option string too.
+    pub image_opts: bool,
 }
 
 impl State {
@@ -23,6 +25,7 @@ impl State {
             blk: None,
             opts: None,
             aio: Vec::new(),
+            image_opts: false,
         }
     }
 

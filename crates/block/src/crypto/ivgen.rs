@@ -92,10 +92,9 @@ impl IvGen {
 pub fn essiv_cipher(cipher: CipherAlg, hash: HashAlg) -> Result<CipherAlg> {
     cipher.with_key_len(hash.digest_len()).ok_or_else(|| {
         CryptoError::invalid(format!(
-            "Cipher {} does not accept a {} byte key for essiv from hash {}",
-            cipher.name(),
-            hash.digest_len(),
-            hash.name()
+            "No {} cipher with key size {} available",
+            cipher.luks_name().to_uppercase(),
+            hash.digest_len()
         ))
     })
 }

@@ -266,10 +266,10 @@ pub async fn create(filename: &str, o: &CreateOptions) -> Result<()> {
         ));
     }
     let opts = LuksCreateOptions::from_options("", |k| o.get(k).map(str::to_string))?;
-    crate::crypto::secret::lookup(&opts.key_secret)?;
     let file = crate::format::qcow2::create::create_file(filename)?;
     let node: NodeRef = file.clone();
     let r = async {
+        crate::crypto::secret::lookup_utf8(&opts.key_secret)?;
         node.truncate(0, false, Prealloc::Off).await?;
         let len = crate::crypto::luks::header_len(opts.params.key_bytes());
         node.truncate(len + size, false, prealloc).await?;
@@ -283,5 +283,9 @@ pub async fn create(filename: &str, o: &CreateOptions) -> Result<()> {
     }
     .await;
     let _ = node.close().await;
+    if r.is_err() {
+        // As QEMU does, a volume that could not be set up is not left behind.
+        let _ = std::fs::remove_file(filename);
+    }
     r
 }

@@ -58,7 +58,6 @@ pub(crate) const NO_MEASURE: &[&str] = &[
     "vmdk",
     "vpc",
     "vhdx",
-    "luks",
     "parallels",
     "file",
     "host_device",
@@ -200,6 +199,23 @@ async fn run_measure(
         return Ok(Measurement {
             required,
             fully_allocated: required,
+            bitmaps: None,
+        });
+    }
+    if out_fmt == "luks" {
+        // The LUKS header and key material, then the payload.
+        use rqemu_block::crypto::{luks, secret};
+        let lo = luks::LuksCreateOptions::from_options("", |k| opts.get(k).map(str::to_string))
+            .map_err(|e| fail(&e.to_string()))?;
+        secret::lookup_utf8(&lo.key_secret).map_err(|e| fail(&e.to_string()))?;
+        let size = match &node {
+            Some(n) => n.size(),
+            None => opts.get_size("size").unwrap_or(0),
+        };
+        let total = luks::header_len(lo.params.key_bytes()) + size;
+        return Ok(Measurement {
+            required: total,
+            fully_allocated: total,
             bitmaps: None,
         });
     }

@@ -356,6 +356,20 @@ async fn open(st: &mut State, c: &CmdInfo, argv: &[String]) -> i32 {
     }
     o.options = kv;
     let label = match p.operands.as_slice() {
+        [f] if st.image_opts => {
+            // With --image-opts the argument is an option string, as on the command line.
+            match rqemu_opts::KeyVal::parse(f, None) {
+                Ok(x) => o.options.merge(&x),
+                Err(e) => {
+                    st.error(&e.to_string());
+                    return -libc::EINVAL;
+                }
+            }
+            if let Some(d) = o.options.take("driver") {
+                o.format = Some(d);
+            }
+            f.clone()
+        }
         [f] => {
             o.filename = f.clone();
             f.clone()

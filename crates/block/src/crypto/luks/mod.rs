@@ -189,10 +189,10 @@ impl LuksCreateOptions {
 pub fn parse_iter_time(v: &str) -> Result<u64> {
     rqemu_opts::parse_c_u64(v)
         .ok()
-        .filter(|&n| n > 0 && n <= u32::MAX as u64)
+        .filter(|&n| n <= u32::MAX as u64)
         .ok_or_else(|| {
             CryptoError::invalid(format!(
-                "Parameter 'iter-time' expects a positive number of milliseconds, got '{v}'"
+                "Parameter 'iter-time' expects a number of milliseconds, got '{v}'"
             ))
         })
 }
@@ -244,7 +244,7 @@ impl Luks {
     /// Creates a volume in `area`: a new master key in slot 0 under the password of
     /// `opts.key_secret`. The area must be [`header_len`] bytes and read as zeroes.
     pub async fn create(area: &HeaderArea, opts: &LuksCreateOptions) -> Result<Luks> {
-        let password = secret::lookup(&opts.key_secret)?;
+        let password = secret::lookup_utf8(&opts.key_secret)?.into_bytes();
         let p = opts.params;
         let key_bytes = p.key_bytes();
         let master_key = random::bytes(key_bytes as usize)?;
@@ -299,7 +299,7 @@ impl Luks {
             master_key: None,
         };
         if let Some(id) = secret_id {
-            let password = secret::lookup(id)?;
+            let password = secret::lookup_utf8(id)?.into_bytes();
             let key = luks.find_key(area, &password).await?.ok_or_else(|| {
                 CryptoError::invalid("Invalid password, cannot unlock any keyslot")
             })?;
@@ -421,7 +421,7 @@ impl Luks {
         };
         let master_key = match &o.old_secret {
             Some(id) => {
-                let pw = secret::lookup(id)?;
+                let pw = secret::lookup_utf8(id)?.into_bytes();
                 self.find_key(area, &pw).await?.ok_or_else(|| {
                     CryptoError::invalid("Invalid password, cannot unlock any keyslot")
                 })?
@@ -430,7 +430,7 @@ impl Luks {
                 CryptoError::invalid("Invalid password, cannot unlock any keyslot")
             })?,
         };
-        let password = secret::lookup(new_id)?;
+        let password = secret::lookup_utf8(new_id)?.into_bytes();
         let iters = slot_iters(
             &self.params,
             &password,
@@ -461,7 +461,7 @@ impl Luks {
             ));
         }
         let old_password = match &o.old_secret {
-            Some(id) => Some(secret::lookup(id)?),
+            Some(id) => Some(secret::lookup_utf8(id)?.into_bytes()),
             None => None,
         };
         let active = self.header.slots.iter().filter(|s| s.active).count();
@@ -533,7 +533,8 @@ pub struct LuksAmendOptions {
     pub iter_time: Option<u64>,
 }
 
-/// The LUKS header of `area`, without unlocking anything (hostile input checks).
+/// Parses and validates a LUKS header from its bytes, unlocking nothing (for checks of
+/// untrusted input).
 pub fn parse_header(bytes: &[u8]) -> Result<(LuksHeader, LuksParams)> {
     let h = LuksHeader::parse(bytes)?;
     let p = LuksParams::from_header(&h)?;

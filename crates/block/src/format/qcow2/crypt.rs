@@ -238,18 +238,33 @@ pub enum CreateEncryption {
 /// Reads the encryption creation options (`encryption=on`, `encrypt.*`).
 pub fn create_options(o: &CreateOptions) -> Result<Option<CreateEncryption>> {
     let format = match (o.get("encrypt.format"), o.get_bool("encryption")) {
-        (Some(f), Some(true)) if f != "aes" => {
+        (Some(_), Some(_)) => {
             return Err(Error::invalid(
-                "Options \"encryption\" and \"encrypt.format\" are mutually exclusive",
+                "'encrypt.format' and its alias 'encryption' can't be used at the same time",
             ))
         }
-        (Some(f), _) => f.to_string(),
+        (Some(f), None) => f.to_string(),
         (None, Some(true)) => "aes".to_string(),
         (None, _) => return Ok(None),
     };
     let get = |k: &str| o.get(&format!("encrypt.{k}")).map(str::to_string);
     match format.as_str() {
         "aes" => {
+            // The legacy format takes a password and nothing else.
+            for k in [
+                "cipher-alg",
+                "cipher-mode",
+                "ivgen-alg",
+                "ivgen-hash-alg",
+                "hash-alg",
+                "iter-time",
+            ] {
+                if get(k).is_some() {
+                    return Err(Error::invalid(format!(
+                        "Parameter 'encrypt.{k}' is unexpected"
+                    )));
+                }
+            }
             let secret = get("key-secret").ok_or_else(|| {
                 Error::invalid("Parameter 'encrypt.key-secret' is required for cipher")
             })?;
@@ -259,7 +274,7 @@ pub fn create_options(o: &CreateOptions) -> Result<Option<CreateEncryption>> {
             LuksCreateOptions::from_options("encrypt.", get)?,
         ))),
         other => Err(Error::invalid(format!(
-            "Parameter 'encrypt.format' does not accept value '{other}'"
+            "Parameter 'format' does not accept value '{other}'"
         ))),
     }
 }
@@ -275,7 +290,7 @@ pub(super) async fn create(q: &Qcow2, file: &NodeRef, enc: &CreateEncryption) ->
             m.write_header().await
         }
         CreateEncryption::Luks(opts) => {
-            crate::crypto::secret::lookup(&opts.key_secret)?;
+            crate::crypto::secret::lookup_utf8(&opts.key_secret)?;
             let len = luks::header_len(opts.params.key_bytes());
             let off = {
                 let mut m = q.meta.lock().await;
