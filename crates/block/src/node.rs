@@ -134,6 +134,8 @@ pub enum ChildRole {
     DataFile,
     /// The node a filter passes requests to (blkdebug's `image`).
     Image,
+    /// One of several equal children (quorum's `children.N`).
+    Children,
 }
 
 impl ChildRole {
@@ -144,6 +146,7 @@ impl ChildRole {
             ChildRole::Backing => "backing",
             ChildRole::DataFile => "data-file",
             ChildRole::Image => "image",
+            ChildRole::Children => "children",
         }
     }
 
@@ -194,6 +197,23 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// The node's children with their roles, file first.
     fn children(&self) -> Vec<(ChildRole, NodeRef)> {
         Vec::new()
+    }
+
+    /// The directory the image's relative names (backing files) are taken from, as
+    /// QEMU's `bdrv_dirname`: that of the primary child for formats and filters, the
+    /// file's own for a plain file; `None` where no single directory can be named.
+    fn dirname(&self) -> Option<String> {
+        if let Some((_, c)) = self.children().into_iter().find(|(r, _)| r.is_primary()) {
+            return c.dirname();
+        }
+        let name = self.filename();
+        if name.starts_with("json:") || crate::open::is_protocol_name(&name) {
+            return None;
+        }
+        Some(
+            name.rfind('/')
+                .map_or(String::new(), |i| name[..=i].to_string()),
+        )
     }
 
     /// The backing node, if this node has one open.

@@ -35,7 +35,17 @@ pub fn resolve_relative(base: &str, name: &str) -> String {
     }
 }
 
-fn is_protocol_name(name: &str) -> bool {
+/// `name` as QEMU finds it from an image in directory `dir` (a
+/// [`BlockDriver::dirname`]): absolute names, protocol names and `json:` stand alone,
+/// relative ones need the directory.
+pub fn resolve_in(dir: Option<String>, name: &str) -> Option<String> {
+    if name.starts_with('/') || is_protocol_name(name) || name.starts_with("json:") {
+        return Some(name.to_string());
+    }
+    dir.map(|d| format!("{d}{name}"))
+}
+
+pub(crate) fn is_protocol_name(name: &str) -> bool {
     match name.find(':') {
         Some(i) => {
             let p = &name[..i];
@@ -202,6 +212,9 @@ pub async fn open_node(
         let (node, _) = open_blkdebug(filename, kv, flags, cache, false, chain).await?;
         return Ok(node);
     }
+    if format == Some("quorum") {
+        return open_quorum(kv, flags).await;
+    }
     // Null devices (driver=null-co / null-aio).
     if let Some(name @ ("null-co" | "null-aio")) = format {
         let name = if name == "null-co" {
@@ -279,14 +292,14 @@ pub async fn open_node(
     file_kv.take("auto-read-only");
     let nbd = proto.as_deref() == Some("nbd")
         || (proto.is_none() && crate::protocol::nbd::is_nbd_filename(&fname));
-    if fname.is_empty() && !nbd && proto.as_deref() != Some("blkdebug") {
+    if fname.is_empty() && !nbd && !matches!(proto.as_deref(), Some("blkdebug" | "quorum")) {
         return Err(Error::invalid(
             "A block device must be specified for \"file\"",
         ));
     }
     match proto.as_deref() {
         None | Some("file") | Some("host_device") | Some("host_cdrom") | Some("nbd")
-        | Some("blkdebug") => {}
+        | Some("blkdebug") | Some("quorum") => {}
         Some(other) => {
             return Err(Error::invalid(format!("Unknown protocol '{other}'")));
         }
@@ -295,7 +308,9 @@ pub async fn open_node(
     // depends on the format.
     let blkdebug =
         proto.as_deref() == Some("blkdebug") || (proto.is_none() && fname.starts_with("blkdebug:"));
-    let (file_ref, file): (NodeRef, Option<Arc<FileNode>>) = if blkdebug {
+    let (file_ref, file): (NodeRef, Option<Arc<FileNode>>) = if proto.as_deref() == Some("quorum") {
+        (open_quorum(file_kv, flags).await?, None)
+    } else if blkdebug {
         let (node, image) = open_blkdebug(&fname, file_kv, flags, cache, true, chain).await?;
         // Backing files are found relative to the image below the filter.
         fname = image;
@@ -395,12 +410,33 @@ async fn open_blkdebug(
     Ok((node, image))
 }
 
+/// Opens a quorum node over its `children.N.*` (each opened as any node is).
+async fn open_quorum(mut kv: KeyVal, flags: &GraphFlags) -> Result<NodeRef> {
+    use crate::filter::quorum::{QuorumNode, QuorumOptions};
+    let mut children = Vec::new();
+    while kv
+        .keys()
+        .any(|k| k.starts_with(&format!("children.{}.", children.len())))
+    {
+        let mut ckv = kv.take_child(&format!("children.{}", children.len()));
+        let driver = ckv.take("driver");
+        let name = ckv.take("filename").unwrap_or_default();
+        let mut chain = Vec::new();
+        children.push(Box::pin(open_node(&name, driver.as_deref(), ckv, flags, &mut chain)).await?);
+    }
+    let opts = QuorumOptions::take_from(&mut kv, children.len())?;
+    kv.take("filename");
+    reject_unknown("quorum", &kv, false)?;
+    Ok(Arc::new(QuorumNode::new(children, opts)))
+}
+
 fn unknown_driver(name: &str) -> Error {
     match name {
-        "qcow" | "qed" | "vdi" | "vmdk" | "vpc" | "vhdx" | "dmg" | "parallels"
-        | "cloop" => Error::unsupported(format!(
-            "Driver '{name}' is not supported by this build of rqemu"
-        )),
+        "qcow" | "qed" | "vdi" | "vmdk" | "vpc" | "vhdx" | "dmg" | "parallels" | "cloop" => {
+            Error::unsupported(format!(
+                "Driver '{name}' is not supported by this build of rqemu"
+            ))
+        }
         _ => Error::invalid(format!("Unknown driver '{name}'")),
     }
 }

@@ -2,7 +2,6 @@
 
 use rqemu_block::graph::file_child;
 use rqemu_block::node::{ChildRole, NodeRef};
-use rqemu_block::open::resolve_relative;
 use rqemu_cli::getopt::{HasArg, LongOpt};
 use rqemu_cli::human::size_to_str;
 use rqemu_cli::outp;
@@ -73,10 +72,11 @@ pub async fn graph_info(node: &NodeRef) -> QDict {
         let (bf, bfmt) = q.backing_spec().await;
         if let Some(bf) = bf.filter(|s| !s.is_empty()) {
             d.insert("backing-filename", bf.as_str());
-            d.insert(
-                "full-backing-filename",
-                resolve_relative(&dirname_base(node, &filename), &bf),
-            );
+            // QEMU names the backing file's real place only where the image has a
+            // directory (a file, or formats and filters over one).
+            if let Some(full) = rqemu_block::open::resolve_in(node.dirname(), &bf) {
+                d.insert("full-backing-filename", full);
+            }
             if let Some(f) = bfmt.filter(|s| !s.is_empty()) {
                 d.insert("backing-filename-format", f);
             }
@@ -401,18 +401,4 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
     }
     let _ = file_child;
     0
-}
-
-/// What a node's relative backing name is resolved against: its filename, or, when that
-/// cannot be split into a directory (a `json:` or `blkdebug:` name), the filename of the
-/// file below it, as QEMU's `bdrv_dirname` asks the child.
-fn dirname_base(node: &NodeRef, filename: &str) -> String {
-    if !filename.starts_with("json:") && !filename.starts_with("blkdebug:") {
-        return filename.to_string();
-    }
-    let mut cur = node.clone();
-    while let Some((_, child)) = cur.children().into_iter().find(|(r, _)| r.is_primary()) {
-        cur = child;
-    }
-    cur.filename()
 }
