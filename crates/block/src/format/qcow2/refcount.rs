@@ -390,6 +390,9 @@ impl Meta {
     /// The refcount block for cluster `index`, allocating it (and growing the refcount
     /// table) if needed. Returns `Again` after allocating.
     async fn alloc_refcount_block(&mut self, index: u64) -> RcResult<u64> {
+        // Fired for every lookup, whether or not a block has to be allocated, as QEMU
+        // does.
+        self.file.debug_event(DebugEvent::RefblockAlloc).await;
         let ti = index >> self.geo.refblock_bits();
         if ti < self.reftable.len() as u64 {
             let rb = self.refblock_offset_checked(ti).await?;
@@ -426,11 +429,13 @@ impl Meta {
             self.flush_refblocks().await?;
             self.new_table(TableKind::Refblock, new_block).await?;
         }
+        self.file.debug_event(DebugEvent::RefblockAllocWrite).await;
         self.write_refblock(new_block).await?;
         self.sync().await?;
 
         if ti < self.reftable.len() as u64 {
             let entry_off = self.h.refcount_table_offset + ti * 8;
+            self.file.debug_event(DebugEvent::RefblockAllocHookup).await;
             self.file
                 .write(
                     entry_off,
@@ -529,16 +534,25 @@ impl Meta {
                 self.rb_cache.mark_dirty(rb);
             }
         }
+        self.file
+            .debug_event(DebugEvent::RefblockAllocWriteBlocks)
+            .await;
         self.flush_refblocks().await?;
         let mut bytes = vec![0u8; (table_size * 8) as usize];
         for (i, e) in new_table.iter().enumerate() {
             put_be64(&mut bytes, i * 8, *e);
         }
+        self.file
+            .debug_event(DebugEvent::RefblockAllocWriteTable)
+            .await;
         self.write_meta(table_offset, &bytes).await?;
         self.sync().await?;
         let mut hdr = [0u8; 12];
         put_be64(&mut hdr, 0, table_offset);
         put_be32(&mut hdr, 8, table_clusters as u32);
+        self.file
+            .debug_event(DebugEvent::RefblockAllocSwitchTable)
+            .await;
         self.write_meta(48, &hdr).await?;
         self.sync().await?;
         let old_offset = self.h.refcount_table_offset;
