@@ -60,6 +60,19 @@ impl RawNode {
         }
     }
 
+    /// With `size=`, requests must stay inside it: writes past it find no space, reads
+    /// are invalid (nothing past the window may leak), as in QEMU.
+    fn within_size(&self, offset: u64, len: u64, write: bool) -> Result<()> {
+        match self.fixed_size {
+            Some(size) if offset > size || len > size - offset => Err(Error::errno(if write {
+                libc::ENOSPC
+            } else {
+                libc::EINVAL
+            })),
+            _ => Ok(()),
+        }
+    }
+
     async fn check_sector0(&self, offset: u64, buf: &[u8]) -> Result<()> {
         if !self.probed || offset >= PROBE_BYTES as u64 {
             return Ok(());
@@ -125,21 +138,25 @@ impl BlockDriver for RawNode {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.within_size(offset, buf.len() as u64, false)?;
         self.file.debug_event(DebugEvent::ReadAio).await;
         self.file.read(self.offset + offset, buf).await
     }
 
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        self.within_size(offset, buf.len() as u64, true)?;
         self.check_sector0(offset, buf).await?;
         self.file.debug_event(DebugEvent::WriteAio).await;
         self.file.write(self.offset + offset, buf, flags).await
     }
 
     async fn readv(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+        self.within_size(offset, crate::iov::len_mut(bufs) as u64, false)?;
         self.file.readv(self.offset + offset, bufs).await
     }
 
     async fn writev(&self, offset: u64, bufs: &[&[u8]], flags: WriteFlags) -> Result<()> {
+        self.within_size(offset, crate::iov::len(bufs) as u64, true)?;
         if self.probed && offset < PROBE_BYTES as u64 {
             let head = crate::iov::sub(bufs, 0, PROBE_BYTES - offset as usize);
             let mut probe = vec![0u8; crate::iov::len(&head)];
@@ -150,6 +167,7 @@ impl BlockDriver for RawNode {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
+        self.within_size(offset, len, true)?;
         if self.probed && offset < PROBE_BYTES as u64 {
             let n = (PROBE_BYTES as u64 - offset).min(len) as usize;
             self.check_sector0(offset, &vec![0u8; n]).await?;
@@ -160,6 +178,7 @@ impl BlockDriver for RawNode {
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.within_size(offset, len, true)?;
         self.file.discard(self.offset + offset, len).await
     }
 

@@ -199,6 +199,8 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
                 ctx.error(&e.to_string());
                 code = 1;
             }
+            // QEMU's final close tries (and reports) once more.
+            let _ = blk.close().await;
         }
         code
     })

@@ -162,7 +162,15 @@ pub fn run(ctx: &Ctx, args: &[String]) -> i32 {
             },
             r => r,
         };
-        let closed = blk.close().await;
+        let closed = match blk.close().await {
+            // A close that failed (bitmaps that could not be stored) is tried once more,
+            // as QEMU's final close does, before the failure is reported.
+            Err(e) => {
+                let _ = blk.close().await;
+                Err(e)
+            }
+            ok => ok,
+        };
         meter.end();
         match r.and(closed) {
             Ok(()) => {

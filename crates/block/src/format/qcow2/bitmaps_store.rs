@@ -260,7 +260,14 @@ impl Qcow2 {
         if !list.iter().any(|b| !b.inconsistent && !b.readonly) {
             return Ok(());
         }
-        self.store_list(m, &list).await.map_err(|e| {
+        let r = self.store_list(m, &list).await;
+        if r.is_err() {
+            // Still in memory: a later close tries again, as QEMU's final close does.
+            self.bitmaps_tracking
+                .store(list.iter().any(|b| b.enabled), Ordering::Release);
+            *self.live() = list;
+        }
+        r.map_err(|e| {
             Error::other(
                 format!(
                     "Lost persistent bitmaps during inactivation of node '{}': {e}",
@@ -332,7 +339,17 @@ impl Qcow2 {
         }
         for (j, e) in dir.iter_mut().enumerate() {
             if let Some(i) = live_of[j] {
-                let (off, size) = store_bitmap(m, &list[i]).await?;
+                let (off, size) = store_bitmap(m, &list[i]).await.map_err(|e| {
+                    let errno = e.errno_value();
+                    Error::other(
+                        format!(
+                            "Failed to write bitmap '{}' to file: {}",
+                            list[i].name,
+                            strerror(errno)
+                        ),
+                        errno,
+                    )
+                })?;
                 e.table_offset = off;
                 e.table_size = size;
             }

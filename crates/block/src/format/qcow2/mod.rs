@@ -496,9 +496,13 @@ impl BlockDriver for Qcow2 {
         let mut m = self.meta.lock().await;
         // Bitmaps first, as QEMU stores them when it inactivates the node; losing them
         // is reported but does not keep the rest of the metadata from being written.
-        if let Err(e) = self.store_bitmaps(&mut m).await {
-            crate::error::report(&e.to_string());
-        }
+        let bitmaps_lost = match self.store_bitmaps(&mut m).await {
+            Err(e) => {
+                crate::error::report(&e.to_string());
+                true
+            }
+            Ok(()) => false,
+        };
         // As QEMU inactivates a node: each cache is written and the file flushed, and
         // what fails is reported; the image stays dirty then (the errors go no further,
         // as QEMU's close cannot fail).
@@ -523,10 +527,16 @@ impl BlockDriver for Qcow2 {
             }
         }
         if ok {
-            m.mark_clean().await
-        } else {
-            Ok(())
+            m.mark_clean().await?;
         }
+        if bitmaps_lost {
+            // QEMU's close reports the failed inactivation to the tool.
+            return Err(Error::other(
+                "Error while closing the image: Invalid argument",
+                libc::EINVAL,
+            ));
+        }
+        Ok(())
     }
 
     fn check_reopen(&self, options: &rqemu_opts::KeyVal) -> Result<()> {
