@@ -417,6 +417,26 @@ mod tests {
     }
 
     #[test]
+    fn nbd_drives() {
+        let d = parse_drive(
+            "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port=10809,export=x,if=virtio",
+            0,
+            false,
+        )
+        .unwrap();
+        assert_eq!(d.open.format.as_deref(), Some("nbd"));
+        assert!(d.open.filename.is_empty());
+        assert_eq!(d.open.options.get("server.host"), Some("127.0.0.1"));
+        assert_eq!(d.open.options.get("export"), Some("x"));
+        let d = parse_drive("file=nbd://127.0.0.1:10809/x,format=raw", 0, false).unwrap();
+        assert_eq!(d.open.filename, "nbd://127.0.0.1:10809/x");
+        let d = parse_drive("file=nbd:127.0.0.1:10809:exportname=x", 0, false).unwrap();
+        assert_eq!(d.open.filename, "nbd:127.0.0.1:10809:exportname=x");
+        // Without a server the file is still required.
+        assert!(parse_drive("if=virtio,export=x", 0, false).is_err());
+    }
+
+    #[test]
     fn refusals() {
         let e = parse_drive("file=x,if=ide", 0, false)
             .unwrap_err()
