@@ -502,6 +502,29 @@ impl CreateOptions {
     }
 }
 
+/// The `size` (rounded up to whole sectors) and `preallocation` of a format whose image
+/// is its data (raw, luks): `metadata` preallocation means nothing there.
+pub(crate) fn size_and_prealloc(o: &CreateOptions) -> Result<(u64, crate::node::Prealloc)> {
+    use crate::node::Prealloc;
+    let size = o
+        .get_size("size")
+        .ok_or_else(|| Error::invalid("Image creation needs a size parameter"))?
+        .div_ceil(512)
+        * 512;
+    let prealloc = match o.get("preallocation") {
+        None => Prealloc::Off,
+        Some(v) => match Prealloc::parse(v) {
+            Some(Prealloc::Metadata) | None => {
+                return Err(Error::invalid(format!(
+                    "Parameter 'preallocation' does not accept value '{v}'"
+                )))
+            }
+            Some(p) => p,
+        },
+    };
+    Ok((size, prealloc))
+}
+
 /// Creates the image `filename` with `opts` (which must include `size`).
 pub async fn create(filename: &str, opts: &CreateOptions) -> Result<()> {
     // `file:` names the protocol explicitly; the rest is the path.

@@ -109,6 +109,22 @@ pub struct BlockStatus {
     pub host: Option<HostMapping>,
 }
 
+impl BlockStatus {
+    /// `len` bytes of allocated data: QEMU's answer for drivers that have no allocation
+    /// status of their own.
+    pub fn all_data(len: u64) -> BlockStatus {
+        BlockStatus {
+            len,
+            data: true,
+            zero: false,
+            allocated: true,
+            compressed: false,
+            recurse: false,
+            host: None,
+        }
+    }
+}
+
 impl std::fmt::Debug for BlockStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BlockStatus")

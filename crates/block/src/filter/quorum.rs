@@ -211,16 +211,7 @@ impl BlockDriver for QuorumNode {
     }
 
     async fn block_status(&self, _offset: u64, len: u64) -> Result<BlockStatus> {
-        // As QEMU answers for drivers without their own: all of it is data.
-        Ok(BlockStatus {
-            len,
-            data: true,
-            zero: false,
-            allocated: true,
-            compressed: false,
-            recurse: false,
-            host: None,
-        })
+        Ok(BlockStatus::all_data(len))
     }
 
     async fn truncate(&self, _size: u64, _exact: bool, _prealloc: Prealloc) -> Result<()> {

@@ -200,18 +200,8 @@ impl BlockDriver for BochsNode {
         self.file.allocated_size().await
     }
 
-    async fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        // As QEMU reports drivers without their own answer: all of it is data.
-        let _ = offset;
-        Ok(BlockStatus {
-            len,
-            data: true,
-            zero: false,
-            allocated: true,
-            compressed: false,
-            recurse: false,
-            host: None,
-        })
+    async fn block_status(&self, _offset: u64, len: u64) -> Result<BlockStatus> {
+        Ok(BlockStatus::all_data(len))
     }
 
     async fn truncate(&self, _size: u64, _exact: bool, _prealloc: Prealloc) -> Result<()> {

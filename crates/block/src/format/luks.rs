@@ -244,22 +244,7 @@ impl BlockDriver for LuksNode {
 
 /// Creates a LUKS volume of `size` payload bytes.
 pub async fn create(filename: &str, o: &CreateOptions) -> Result<()> {
-    let size = o
-        .get_size("size")
-        .ok_or_else(|| Error::invalid("Image creation needs a size parameter"))?
-        .div_ceil(512)
-        * 512;
-    let prealloc = match o.get("preallocation") {
-        None => Prealloc::Off,
-        Some(v) => match Prealloc::parse(v) {
-            Some(Prealloc::Metadata) | None => {
-                return Err(Error::invalid(format!(
-                    "Parameter 'preallocation' does not accept value '{v}'"
-                )))
-            }
-            Some(p) => p,
-        },
-    };
+    let (size, prealloc) = crate::create::size_and_prealloc(o)?;
     if o.get_bool("detached-header") == Some(true) {
         return Err(Error::unsupported(
             "Detached LUKS headers are not supported by this build of rqemu",

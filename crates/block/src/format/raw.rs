@@ -211,22 +211,7 @@ impl BlockDriver for RawNode {
 /// Creates a raw image: the file, emptied, then grown to the size with the requested
 /// preallocation.
 pub async fn create(filename: &str, o: &crate::create::CreateOptions) -> Result<()> {
-    let size = o
-        .get_size("size")
-        .ok_or_else(|| Error::invalid("Image creation needs a size parameter"))?
-        .div_ceil(512)
-        * 512;
-    let prealloc = match o.get("preallocation") {
-        None => Prealloc::Off,
-        Some(v) => match Prealloc::parse(v) {
-            Some(Prealloc::Metadata) | None => {
-                return Err(Error::invalid(format!(
-                    "Parameter 'preallocation' does not accept value '{v}'"
-                )))
-            }
-            Some(p) => p,
-        },
-    };
+    let (size, prealloc) = crate::create::size_and_prealloc(o)?;
     if crate::protocol::nbd::is_nbd_filename(filename) {
         if prealloc != Prealloc::Off {
             return Err(Error::other(
