@@ -337,30 +337,47 @@ impl Qcow2 {
             dir[j].granularity_bits = b.bits.granularity_bits() as u8;
             live_of[j] = Some(i);
         }
+        let mut written = Vec::new();
+        let mut failure = None;
         for (j, e) in dir.iter_mut().enumerate() {
             if let Some(i) = live_of[j] {
-                let (off, size) = store_bitmap(m, &list[i]).await.map_err(|e| {
-                    let errno = e.errno_value();
-                    Error::other(
-                        format!(
-                            "Failed to write bitmap '{}' to file: {}",
-                            list[i].name,
-                            strerror(errno)
-                        ),
-                        errno,
-                    )
-                })?;
-                e.table_offset = off;
-                e.table_size = size;
+                match store_bitmap(m, &list[i]).await {
+                    Ok((off, size)) => {
+                        e.table_offset = off;
+                        e.table_size = size;
+                        written.push((off, size));
+                    }
+                    Err(e) => {
+                        let errno = e.errno_value();
+                        failure = Some(Error::other(
+                            format!(
+                                "Failed to write bitmap '{}' to file: {}",
+                                list[i].name,
+                                strerror(errno)
+                            ),
+                            errno,
+                        ));
+                        break;
+                    }
+                }
             }
         }
-        update_dir(m, &dir).await.map_err(|e| {
-            let errno = e.errno_value();
-            Error::other(
-                format!("Failed to update bitmap extension: {}", strerror(errno)),
-                errno,
-            )
-        })?;
+        if failure.is_none() {
+            if let Err(e) = update_dir(m, &dir).await {
+                let errno = e.errno_value();
+                failure = Some(Error::other(
+                    format!("Failed to update bitmap extension: {}", strerror(errno)),
+                    errno,
+                ));
+            }
+        }
+        if let Some(e) = failure {
+            // The bitmaps this attempt wrote are not referenced: free them, as QEMU does.
+            for (off, size) in written {
+                free_bitmap_clusters(m, off, size).await;
+            }
+            return Err(e);
+        }
         // The new directory is durable: the old tables can go.
         for (off, size) in drop_tables {
             free_bitmap_clusters(m, off, size).await;
@@ -638,6 +655,23 @@ async fn overlap_check(m: &mut Meta, offset: u64, len: u64) -> Result<()> {
 /// Writes one bitmap's data and table to fresh clusters; returns the table's place.
 /// Only clusters with a dirty bit are written; the others stay unallocated (zero).
 async fn store_bitmap(m: &mut Meta, b: &LiveBitmap) -> Result<(u64, u32)> {
+    let mut allocated = Vec::new();
+    let r = write_bitmap(m, b, &mut allocated).await;
+    if r.is_err() {
+        // What a failed store allocated goes back, as in QEMU (a later try needs it).
+        for (off, len, discard) in allocated {
+            m.free_clusters(off, len, discard).await;
+        }
+    }
+    r
+}
+
+/// [`store_bitmap`]'s work; every allocation is noted in `allocated`.
+async fn write_bitmap(
+    m: &mut Meta,
+    b: &LiveBitmap,
+    allocated: &mut Vec<(u64, u64, DiscardType)>,
+) -> Result<(u64, u32)> {
     let cs = m.geo.cluster_size();
     let bits = &b.bits;
     let tb_size = bitmaps::table_entries(bits.size(), bits.granularity_bits(), cs);
@@ -664,6 +698,7 @@ async fn store_bitmap(m: &mut Meta, b: &LiveBitmap) -> Result<(u64, u32)> {
                 errno,
             )
         })?;
+        allocated.push((off, cs, DiscardType::Always));
         tb[cluster as usize] = off;
         bits.serialize_part(first, count, &mut buf);
         overlap_check(m, off, cs).await?;
@@ -672,6 +707,7 @@ async fn store_bitmap(m: &mut Meta, b: &LiveBitmap) -> Result<(u64, u32)> {
     }
     let len = tb_size * 8;
     let tb_off = m.alloc_clusters(len).await?;
+    allocated.push((tb_off, len, DiscardType::Other));
     overlap_check(m, tb_off, len).await?;
     let bytes: Vec<u8> = tb.iter().flat_map(|e| e.to_be_bytes()).collect();
     m.write_meta(tb_off, &bytes).await?;
