@@ -296,13 +296,20 @@ impl Meta {
         Ok(())
     }
 
+    /// Makes sure the refcount block at `offset` is cached, announcing the load (QEMU
+    /// does so for every refcount update, whether or not the block is cached; plain
+    /// refcount lookups use [`Meta::load_refblock`]).
+    pub async fn load_refblock_for_update(&mut self, offset: u64) -> Result<()> {
+        self.file.debug_event(DebugEvent::RefblockLoad).await;
+        self.load_refblock(offset).await
+    }
+
     /// Makes sure the refcount block at `offset` is cached.
     pub async fn load_refblock(&mut self, offset: u64) -> Result<()> {
         if self.rb_cache.contains(offset) {
             return Ok(());
         }
         self.make_room(TableKind::Refblock).await?;
-        self.file.debug_event(DebugEvent::RefblockLoad).await;
         let t = self.read_table(offset).await?;
         self.rb_cache.insert(offset, t, false);
         Ok(())

@@ -397,7 +397,7 @@ impl Meta {
         if ti < self.reftable.len() as u64 {
             let rb = self.refblock_offset_checked(ti).await?;
             if rb != 0 {
-                self.load_refblock(rb).await?;
+                self.load_refblock_for_update(rb).await?;
                 return Ok(rb);
             }
         }
