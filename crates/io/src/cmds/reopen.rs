@@ -2,7 +2,7 @@
 //! image is touched, so a refused reopen leaves the image open as it was, as QEMU's
 //! transactional reopen does.
 
-use rqemu_block::node::{BlockDriver, ChildRole, NodeRef};
+use rqemu_block::node::{ChildRole, NodeRef};
 use rqemu_block::CacheMode;
 use rqemu_opts::KeyVal;
 
@@ -148,7 +148,3 @@ fn node_at(root: &NodeRef, prefix: &str) -> Option<NodeRef> {
         .find(|(r, _)| *r == role)
         .map(|(_, n)| n)
 }
-
-/// Keeps `BlockDriver` in scope for trait methods on nodes.
-#[allow(dead_code)]
-fn _uses(_: &dyn BlockDriver) {}
