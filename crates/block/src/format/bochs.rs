@@ -107,29 +107,51 @@ impl BochsNode {
         })
     }
 
-    /// Where sector `sector` lies in the file, or `None` when it reads as zeroes.
-    async fn locate(&self, sector: u64) -> Result<Option<u64>> {
-        let offset = sector * 512;
-        let index = (offset / self.extent_size) as usize;
-        let in_extent = (offset % self.extent_size) / 512;
-        let block = match self.catalog.get(index) {
+    /// Where the bitmap of extent `index` lies in the file, or `None` when the extent
+    /// has no block (it reads as zeroes).
+    fn extent_bitmap(&self, index: u64) -> Option<u64> {
+        let block = match self.catalog.get(usize::try_from(index).ok()?) {
             Some(&b) if b != UNALLOCATED => b as u64,
-            _ => return Ok(None),
+            _ => return None,
         };
         // Saturating: a hostile catalog then points past the end of the file.
-        let bitmap_offset = (self.extent_blocks + self.bitmap_blocks)
-            .saturating_mul(512 * block)
-            .saturating_add(self.data_offset);
-        let mut bit = [0u8; 1];
+        Some(
+            (self.extent_blocks + self.bitmap_blocks)
+                .saturating_mul(512 * block)
+                .saturating_add(self.data_offset),
+        )
+    }
+
+    /// Reads `buf` from the extent whose bitmap is at `bitmap`, starting `at` bytes into
+    /// the extent: one read of the bitmap bytes it needs, then one read per run of
+    /// sectors the bitmap marks present (the rest reads as zeroes).
+    async fn read_extent(&self, bitmap: u64, at: u64, buf: &mut [u8]) -> Result<()> {
+        let first = at / 512;
+        let last = (at + buf.len() as u64 - 1) / 512;
+        let mut bits = vec![0u8; (last / 8 - first / 8 + 1) as usize];
         self.file
-            .read(bitmap_offset + in_extent / 8, &mut bit)
+            .read(bitmap.saturating_add(first / 8), &mut bits)
             .await?;
-        if bit[0] >> (in_extent % 8) & 1 == 0 {
-            return Ok(None);
+        let present = |s: u64| bits[(s / 8 - first / 8) as usize] >> (s % 8) & 1 == 1;
+        let data = bitmap.saturating_add(512 * self.bitmap_blocks);
+        let mut s = first;
+        while s <= last {
+            let set = present(s);
+            let mut e = s;
+            while e < last && present(e + 1) == set {
+                e += 1;
+            }
+            let lo = (s * 512).max(at) - at;
+            let hi = ((e + 1) * 512).min(at + buf.len() as u64) - at;
+            let run = &mut buf[lo as usize..hi as usize];
+            if set {
+                self.file.read(data.saturating_add(at + lo), run).await?;
+            } else {
+                run.fill(0);
+            }
+            s = e + 1;
         }
-        Ok(Some(
-            bitmap_offset.saturating_add(512 * (self.bitmap_blocks + in_extent)),
-        ))
+        Ok(())
     }
 }
 
@@ -164,15 +186,14 @@ impl BlockDriver for BochsNode {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        // Requests come sector-aligned from the backend; each sector is looked up.
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let in_sector = (pos % 512) as usize;
-            let n = (512 - in_sector).min(buf.len() - done);
+            let at = pos % self.extent_size;
+            let n = ((self.extent_size - at) as usize).min(buf.len() - done);
             let chunk = &mut buf[done..done + n];
-            match self.locate(pos / 512).await? {
-                Some(at) => self.file.read(at + in_sector as u64, chunk).await?,
+            match self.extent_bitmap(pos / self.extent_size) {
+                Some(bitmap) => self.read_extent(bitmap, at, chunk).await?,
                 None => chunk.fill(0),
             }
             done += n;

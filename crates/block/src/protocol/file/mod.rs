@@ -88,6 +88,10 @@ pub struct FileNode {
     /// keeps it: status queries inside it need no system call. Writes overlapping it
     /// forget it.
     data_extent: std::sync::Mutex<Option<(u64, u64)>>,
+    /// Changes made since open, and how many of them the last flush covered: a flush
+    /// with nothing changed since the one before does nothing, as in QEMU.
+    write_gen: AtomicU64,
+    flushed_gen: AtomicU64,
 }
 
 impl FileNode {
@@ -168,6 +172,8 @@ impl FileNode {
             punch_hole: AtomicBool::new(true),
             rmw: tokio::sync::RwLock::new(()),
             data_extent: std::sync::Mutex::new(None),
+            write_gen: AtomicU64::new(0),
+            flushed_gen: AtomicU64::new(0),
         })
     }
 
@@ -190,6 +196,15 @@ impl FileNode {
         let c = *self.data_extent.lock().unwrap_or_else(|p| p.into_inner());
         c.filter(|&(start, end)| (start..end).contains(&offset))
             .map(|(_, end)| end)
+    }
+
+    /// Notes a change to `[offset, offset + len)` about to be made: the cached data
+    /// extent is forgotten where it overlaps, and the returned guard, dropped when the
+    /// change is done (or abandoned), gives the next flush something to do.
+    #[must_use]
+    fn note_change(&self, offset: u64, len: u64) -> ChangeGuard<'_> {
+        self.forget_data_extent(offset, len);
+        ChangeGuard(&self.write_gen)
     }
 
     /// Forgets the cached data extent if `[offset, offset + len)` overlaps it.
@@ -345,6 +360,16 @@ impl FileNode {
     }
 }
 
+/// Counts a change to the file when the request making it ends (QEMU counts writes as
+/// they finish, so that a flush running meanwhile does not claim to cover them).
+struct ChangeGuard<'a>(&'a AtomicU64);
+
+impl Drop for ChangeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
 /// Buffered reads at least this large are split across two engine workers.
 const SPLIT_BYTES: usize = 1 << 20;
 /// Where split requests are cut (page-aligned, and cluster-aligned for common sizes).
@@ -413,6 +438,8 @@ impl FileNode {
 #[async_trait]
 impl BlockDriver for FileNode {
     fn host_fd(&self) -> Option<(RawFd, u64)> {
+        // Whoever holds the descriptor may write through it: flushes must not be skipped.
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
         (!self.is_block_device && !self.direct).then(|| (self.fd(), 0))
     }
 
@@ -476,7 +503,7 @@ impl BlockDriver for FileNode {
         if self.read_only {
             return Err(Error::errno(libc::EBADF));
         }
-        self.forget_data_extent(offset, buf.len() as u64);
+        let _change = self.note_change(offset, buf.len() as u64);
         if self.direct {
             if !self.is_aligned(offset, buf.len(), buf.as_ptr() as usize) {
                 direct::write_unaligned(self, offset, buf).await?;
@@ -497,7 +524,7 @@ impl BlockDriver for FileNode {
         if self.read_only {
             return Err(Error::errno(libc::EBADF));
         }
-        self.forget_data_extent(offset, len);
+        let _change = self.note_change(offset, len);
         let end = offset + len;
         let aligned = self.is_aligned(offset, len as usize, 0);
         let mut done = false;
@@ -568,7 +595,7 @@ impl BlockDriver for FileNode {
         if self.read_only {
             return Err(Error::errno(libc::EBADF));
         }
-        self.forget_data_extent(offset, len);
+        let _change = self.note_change(offset, len);
         if self.is_block_device || !self.punch_hole.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -588,13 +615,15 @@ impl BlockDriver for FileNode {
     }
 
     async fn flush(&self) -> Result<()> {
-        if self.read_only {
+        let gen = self.write_gen.load(Ordering::Acquire);
+        if self.read_only || self.flushed_gen.load(Ordering::Acquire) == gen {
             return Ok(());
         }
         let r = self.engine.submit(self.fd(), Op::Fdatasync).await;
         if r < 0 {
             return Err(Error::errno(-r as i32));
         }
+        self.flushed_gen.fetch_max(gen, Ordering::AcqRel);
         Ok(())
     }
 
@@ -657,7 +686,7 @@ impl BlockDriver for FileNode {
         if self.read_only {
             return Err(Error::errno(libc::EBADF));
         }
-        self.forget_data_extent(0, u64::MAX);
+        let _change = self.note_change(0, u64::MAX);
         let cur = self.size();
         if self.is_block_device {
             if size > cur {

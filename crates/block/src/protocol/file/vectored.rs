@@ -180,7 +180,7 @@ impl FileNode {
             }
             return Ok(());
         }
-        self.forget_data_extent(offset, total as u64);
+        let _change = self.note_change(offset, total as u64);
         {
             let _shared = if self.direct {
                 Some(self.rmw.read().await)
