@@ -395,6 +395,12 @@ pub trait BlockDriver: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether `key` is one of the node's runtime options, which last for one open or
+    /// reopen only: a reopen starts from the options without them, as QEMU's does.
+    fn is_runtime_option(&self, _key: &str) -> bool {
+        false
+    }
+
     /// Bytes the node occupies on its storage (`disk size` in `qemu-img info`).
     async fn allocated_size(&self) -> Option<u64> {
         None

@@ -86,7 +86,7 @@ pub async fn reopen(st: &mut State, c: &CmdInfo, argv: &[String]) -> i32 {
     // A driver's runtime options last for one reopen only, as in QEMU.
     let mut options = KeyVal::new();
     for (k, v) in o.options.iter() {
-        if !rqemu_block::format::qcow2::runtime_opts::is_runtime_key(k) {
+        if !blk.root().is_runtime_option(k) {
             options.set(k, v);
         }
     }

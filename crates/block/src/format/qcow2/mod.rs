@@ -551,6 +551,10 @@ impl BlockDriver for Qcow2 {
         Ok(())
     }
 
+    fn is_runtime_option(&self, key: &str) -> bool {
+        runtime_opts::is_runtime_key(key)
+    }
+
     async fn allocated_size(&self) -> Option<u64> {
         self.file.allocated_size().await
     }

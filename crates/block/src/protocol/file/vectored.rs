@@ -49,6 +49,13 @@ fn advance(iovs: &mut [libc::iovec], first: &mut usize, mut n: usize) {
     }
 }
 
+/// Which way a vector moves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Read,
+    Write,
+}
+
 fn errno_result(r: isize) -> isize {
     if r < 0 {
         -(std::io::Error::last_os_error()
@@ -101,7 +108,7 @@ impl FileNode {
 
     async fn preadv_part(&self, offset: u64, bufs: &mut [&mut [u8]], inline: bool) -> Result<()> {
         let total = iov::len_mut(bufs);
-        let mut iovs = IoVecs(
+        let iovs = IoVecs(
             bufs.iter_mut()
                 .filter(|b| !b.is_empty())
                 .map(|b| libc::iovec {
@@ -110,44 +117,7 @@ impl FileNode {
                 })
                 .collect(),
         );
-        let mut first = 0;
-        let mut done = 0usize;
-        while first < iovs.0.len() {
-            let (ptr, cnt) = iovs.chunk(first);
-            let pos = offset + done as u64;
-            let mut n = -libc::EAGAIN as isize;
-            if inline {
-                // SAFETY: the iovecs describe live, exclusively borrowed buffers of `bufs`.
-                n = errno_result(unsafe {
-                    libc::preadv2(
-                        self.fd(),
-                        ptr,
-                        cnt as libc::c_int,
-                        pos as libc::off_t,
-                        libc::RWF_NOWAIT,
-                    )
-                });
-            }
-            if n == -libc::EAGAIN as isize || n == -libc::EOPNOTSUPP as isize {
-                let op = Op::Readv {
-                    iov: ptr,
-                    cnt,
-                    offset: pos,
-                };
-                n = self.engine.submit(self.fd(), op).await;
-            }
-            if n == -libc::EINTR as isize {
-                continue;
-            }
-            if n < 0 {
-                return Err(Error::errno(-n as i32));
-            }
-            if n == 0 {
-                break;
-            }
-            advance(&mut iovs.0, &mut first, n as usize);
-            done += n as usize;
-        }
+        let done = self.transfer(offset, iovs, Dir::Read, inline).await?;
         if done < total {
             // Past the end of the file: reads as zeroes, as QEMU pads short reads.
             iov::fill(&mut iov::sub_mut(bufs, done, total - done), 0);
@@ -197,8 +167,8 @@ impl FileNode {
         Ok(())
     }
 
-    async fn pwritev_part(&self, offset: u64, bufs: &[&[u8]], mut inline: bool) -> Result<()> {
-        let mut iovs = IoVecs(
+    async fn pwritev_part(&self, offset: u64, bufs: &[&[u8]], inline: bool) -> Result<()> {
+        let iovs = IoVecs(
             bufs.iter()
                 .filter(|b| !b.is_empty())
                 .map(|b| libc::iovec {
@@ -207,6 +177,21 @@ impl FileNode {
                 })
                 .collect(),
         );
+        self.transfer(offset, iovs, Dir::Write, inline).await?;
+        Ok(())
+    }
+
+    /// Moves a whole vector: inline with `RWF_NOWAIT` while `inline` and the page cache
+    /// can serve it, otherwise through the engine; resumes after short transfers and
+    /// EINTR. Returns the bytes moved, short only for a read that reaches the end of the
+    /// file (a write that moves nothing is an I/O error).
+    async fn transfer(
+        &self,
+        offset: u64,
+        mut iovs: IoVecs,
+        dir: Dir,
+        mut inline: bool,
+    ) -> Result<usize> {
         let mut first = 0;
         let mut done = 0usize;
         while first < iovs.0.len() {
@@ -214,28 +199,48 @@ impl FileNode {
             let pos = offset + done as u64;
             let mut n = -libc::EAGAIN as isize;
             if inline {
-                // SAFETY: the iovecs describe live buffers of `bufs`; the kernel only
-                // reads through them.
+                // SAFETY: the iovecs describe live buffers of the request, exclusively
+                // borrowed for a read; a write only reads through them.
                 n = errno_result(unsafe {
-                    libc::pwritev2(
-                        self.fd(),
-                        ptr,
-                        cnt as libc::c_int,
-                        pos as libc::off_t,
-                        libc::RWF_NOWAIT,
-                    )
+                    match dir {
+                        Dir::Read => libc::preadv2(
+                            self.fd(),
+                            ptr,
+                            cnt as libc::c_int,
+                            pos as libc::off_t,
+                            libc::RWF_NOWAIT,
+                        ),
+                        Dir::Write => libc::pwritev2(
+                            self.fd(),
+                            ptr,
+                            cnt as libc::c_int,
+                            pos as libc::off_t,
+                            libc::RWF_NOWAIT,
+                        ),
+                    }
                 });
-                if n == -libc::EOPNOTSUPP as isize || n == -libc::EINVAL as isize {
-                    self.nowait_writes.store(false, Ordering::Relaxed);
+                let unsupported = n == -libc::EOPNOTSUPP as isize
+                    || (dir == Dir::Write && n == -libc::EINVAL as isize);
+                if unsupported {
+                    if dir == Dir::Write {
+                        self.nowait_writes.store(false, Ordering::Relaxed);
+                    }
                     inline = false;
                     n = -libc::EAGAIN as isize;
                 }
             }
             if n == -libc::EAGAIN as isize {
-                let op = Op::Writev {
-                    iov: ptr,
-                    cnt,
-                    offset: pos,
+                let op = match dir {
+                    Dir::Read => Op::Readv {
+                        iov: ptr,
+                        cnt,
+                        offset: pos,
+                    },
+                    Dir::Write => Op::Writev {
+                        iov: ptr,
+                        cnt,
+                        offset: pos,
+                    },
                 };
                 n = self.engine.submit(self.fd(), op).await;
             }
@@ -246,12 +251,15 @@ impl FileNode {
                 return Err(Error::errno(-n as i32));
             }
             if n == 0 {
-                return Err(Error::errno(libc::EIO));
+                match dir {
+                    Dir::Read => break,
+                    Dir::Write => return Err(Error::errno(libc::EIO)),
+                }
             }
             advance(&mut iovs.0, &mut first, n as usize);
             done += n as usize;
         }
-        Ok(())
+        Ok(done)
     }
 }
 
