@@ -67,6 +67,14 @@ scenario_basic() {
     want "$S/basic.log" "sectors=131072"
     want "$S/basic.log" "vda rw=ok"
     want "$S/basic.log" "discard=ok"
+    # The bzImage was unpacked by the VMM with KASLR: the flag is set and the text sits
+    # 2 MiB-aligned in the kernel's 1 GiB window.
+    local flags text
+    flags=$(sed -n 's/^RQ: loadflags=//p' "$S/basic.log" | tr -d '\r')
+    text=$(sed -n 's/^RQ: text=//p' "$S/basic.log" | tr -d '\r')
+    { [ -n "$flags" ] && [ $((0x$flags & 2)) != 0 ]; } || fail "KASLR flag not set (loadflags ${flags:-?})"
+    { [[ $text =~ ^ffffffff[89ab][0-9a-f]{7}$ ]] && [ $((0x${text:8} % 0x200000)) = 0 ]; } ||
+        fail "kernel text at '${text:-?}'"
     local kb
     kb=$(sed -n 's/^RQ: memkb=//p' "$S/basic.log")
     { [ -n "$kb" ] && [ "$kb" -gt 400000 ] && [ "$kb" -le 524288 ]; } || fail "MemTotal ${kb:-?} kB for -m 512"

@@ -1,0 +1,591 @@
+//! A bzImage unpacked by the VMM instead of by its own decompressor.
+//!
+//! A bzImage carries the kernel as a compressed ELF (`vmlinux.bin`) followed by its
+//! relocation table. Booted the usual way, the guest holds the compressed image, copies
+//! it to the end of its decompression buffer, decompresses, moves the segments into
+//! place and relocates them: for a distribution kernel some 35 MiB more guest memory
+//! touched than the kernel itself needs, and the decompression runs in the guest.
+//!
+//! Here the payload (xz, gzip or zstd) is streamed once, straight into place: each
+//! loadable segment is written at its physical address plus a 2 MiB-aligned offset, and
+//! the relocation table that follows the ELF is applied in guest memory for a virtual
+//! offset. Both offsets are chosen at random unless the command line says `nokaslr`, as
+//! the kernel's decompressor chooses them, and `KASLR_FLAG` tells the kernel so. The
+//! kernel is then entered at its own 64-bit entry point with the zero page.
+//!
+//! What this does not recognise (an older boot protocol, another compressor, an ELF laid
+//! out otherwise, a malformed relocation table) is left to [`super::boot`], which loads
+//! the whole bzImage and lets it decompress itself.
+//!
+//! Written here rather than taken from linux-loader: its ELF loader reads from a seekable
+//! file and hides the segment table, and relocation needs both the table and a single
+//! forward pass over a decompressing stream.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::Path;
+
+use linux_loader::loader::bootparam::setup_header;
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Offset of the setup header in a bzImage.
+const SETUP_HEADER_OFFSET: usize = 0x1f1;
+/// "HdrS".
+const HDR_MAGIC: u32 = 0x5372_6448;
+/// First boot protocol with `payload_offset`/`payload_length`.
+const PROTOCOL_WITH_PAYLOAD: u16 = 0x0208;
+/// Alignment the kernel's early start-up requires of its physical offset.
+const PMD_SIZE: u64 = 2 << 20;
+/// Virtual span the x86-64 kernel image may be placed in with KASLR (KERNEL_IMAGE_SIZE).
+const KERNEL_IMAGE_SIZE: u64 = 1 << 30;
+/// Largest decompressed kernel taken (the payload states its own size).
+const MAX_UNPACKED: u64 = 1 << 30;
+/// Largest relocation table taken.
+const MAX_RELOCS: u64 = 16 << 20;
+/// Bytes copied to guest memory at a time.
+const CHUNK: usize = 1 << 20;
+/// Granularity of the all-zero check.
+const PAGE: usize = 4096;
+
+const PT_LOAD: u32 = 1;
+const EM_X86_64: u16 = 62;
+
+/// A bzImage whose payload is being streamed: its setup header and ELF layout.
+pub struct Unpacking {
+    /// The setup header, for the zero page.
+    pub header: setup_header,
+    stream: Stream,
+    /// Loadable segments in file order.
+    segments: Vec<Segment>,
+    /// Lowest physical address of a segment (the kernel's LOAD_PHYSICAL_ADDR).
+    load_phys: u64,
+    /// Virtual minus physical address of the kernel's text (`__START_KERNEL_map`).
+    kernel_map: u64,
+    /// Bytes from `load_phys` to the end of the last segment in memory.
+    footprint: u64,
+    /// Where the ELF's own bytes end in the stream (the relocation table follows).
+    elf_end: u64,
+    entry: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Segment {
+    offset: u64,
+    paddr: u64,
+    filesz: u64,
+}
+
+/// Where the unpacked kernel went.
+pub struct Placed {
+    /// Physical address of the 64-bit entry point.
+    pub entry: u64,
+    /// End of the kernel's memory (its bss included).
+    pub end: u64,
+    /// Whether the kernel was placed at random, relocation table and all (the zero
+    /// page's `KASLR_FLAG`).
+    pub kaslr: bool,
+}
+
+/// A forward-only reader of the decompressed payload that counts its position.
+struct Stream {
+    inner: Box<dyn Read>,
+    pos: u64,
+    /// The size the payload states for itself.
+    total: u64,
+}
+
+impl Stream {
+    fn read_exact(&mut self, buf: &mut [u8]) -> Option<()> {
+        self.inner.read_exact(buf).ok()?;
+        self.pos += buf.len() as u64;
+        (self.pos <= self.total).then_some(())
+    }
+
+    fn skip_to(&mut self, offset: u64) -> Option<()> {
+        let n = offset.checked_sub(self.pos)?;
+        let copied = std::io::copy(&mut (&mut self.inner).take(n), &mut std::io::sink()).ok()?;
+        self.pos += copied;
+        (copied == n && self.pos <= self.total).then_some(())
+    }
+
+    /// Copies `len` bytes of the stream to guest memory at `addr`. Pages that are all
+    /// zeroes are skipped: the guest's memory is fresh, and a page the guest never
+    /// writes then never costs the host one.
+    fn copy_to(&mut self, mem: &GuestMemoryMmap, addr: u64, len: u64) -> Option<()> {
+        let mut buf = vec![0u8; CHUNK.min(len as usize)];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(CHUNK as u64) as usize;
+            self.read_exact(&mut buf[..n])?;
+            let mut at = 0;
+            for page in buf[..n].chunks(PAGE) {
+                if page.iter().any(|b| *b != 0) {
+                    mem.write_slice(page, GuestAddress(addr + done + at)).ok()?;
+                }
+                at += page.len() as u64;
+            }
+            done += n as u64;
+        }
+        Some(())
+    }
+
+    /// The rest of the stream, up to the size it states (what a decoder makes of the
+    /// bytes after its stream is not asked for).
+    fn read_rest(&mut self, limit: u64) -> Option<Vec<u8>> {
+        let n = self.total - self.pos;
+        if n > limit {
+            return None;
+        }
+        // (Read as it comes: a truncated stream must not cost the size it claims.)
+        let mut rest = Vec::new();
+        (&mut self.inner).take(n).read_to_end(&mut rest).ok()?;
+        self.pos += rest.len() as u64;
+        (rest.len() as u64 == n).then_some(rest)
+    }
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap_or_default())
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default())
+}
+
+/// The decompressor for a payload, known by its magic bytes.
+fn decoder<R: BufRead + 'static>(magic: &[u8], input: R) -> Option<Box<dyn Read>> {
+    if magic.starts_with(b"\xfd7zXZ\x00") {
+        Some(Box::new(xz2::read::XzDecoder::new(input)))
+    } else if magic.starts_with(b"\x1f\x8b") {
+        Some(Box::new(flate2::read::GzDecoder::new(input)))
+    } else if magic.starts_with(b"\x28\xb5\x2f\xfd") {
+        Some(Box::new(
+            zstd::stream::read::Decoder::with_buffer(input)
+                .ok()?
+                .single_frame(),
+        ))
+    } else {
+        None
+    }
+}
+
+impl Unpacking {
+    /// Opens `path` as a bzImage this module can unpack; `None` if it is not one.
+    pub fn open(path: &Path) -> Option<Unpacking> {
+        Self::from_source(File::open(path).ok()?)
+    }
+
+    /// As [`Unpacking::open`], from any seekable source of the image's bytes.
+    pub fn from_source<R: Read + Seek + 'static>(mut file: R) -> Option<Unpacking> {
+        let file_len = file.seek(SeekFrom::End(0)).ok()?;
+        file.rewind().ok()?;
+        let mut head = [0u8; 0x270];
+        file.read_exact(&mut head).ok()?;
+        let mut header = setup_header::default();
+        let size = std::mem::size_of::<setup_header>();
+        header
+            .as_mut_slice()
+            .copy_from_slice(head.get(SETUP_HEADER_OFFSET..SETUP_HEADER_OFFSET + size)?);
+        let (magic, version) = (header.header, header.version);
+        if magic != HDR_MAGIC || version < PROTOCOL_WITH_PAYLOAD || header.loadflags & 1 == 0 {
+            return None;
+        }
+        let setup_sects = match header.setup_sects {
+            0 => 4,
+            n => u64::from(n),
+        };
+        let payload = (setup_sects + 1) * 512 + u64::from(header.payload_offset);
+        let payload_len = u64::from(header.payload_length);
+        if payload_len < 8 || payload.checked_add(payload_len)? > file_len {
+            return None;
+        }
+        // The payload ends with its decompressed size (32-bit, little-endian).
+        let mut size = [0u8; 4];
+        file.seek(SeekFrom::Start(payload + payload_len - 4)).ok()?;
+        file.read_exact(&mut size).ok()?;
+        let total = u64::from(u32::from_le_bytes(size));
+        if total > MAX_UNPACKED {
+            return None;
+        }
+        let mut magic = [0u8; 6];
+        file.seek(SeekFrom::Start(payload)).ok()?;
+        file.read_exact(&mut magic).ok()?;
+        file.seek(SeekFrom::Start(payload)).ok()?;
+        let input = BufReader::with_capacity(1 << 16, file.take(payload_len));
+        let stream = Stream {
+            inner: decoder(&magic, input)?,
+            pos: 0,
+            total,
+        };
+        Self::read_elf(header, stream)
+    }
+
+    /// Reads the ELF and program headers at the start of the stream.
+    fn read_elf(header: setup_header, mut stream: Stream) -> Option<Unpacking> {
+        let mut eh = [0u8; 64];
+        stream.read_exact(&mut eh)?;
+        if &eh[..4] != b"\x7fELF" || eh[4] != 2 || eh[5] != 1 || u16_at(&eh, 0x12) != EM_X86_64 {
+            return None;
+        }
+        let entry = u64_at(&eh, 0x18);
+        let phoff = u64_at(&eh, 0x20);
+        let shoff = u64_at(&eh, 0x28);
+        let (phentsize, phnum) = (u16_at(&eh, 0x36), u16_at(&eh, 0x38));
+        let (shentsize, shnum) = (u16_at(&eh, 0x3a), u16_at(&eh, 0x3c));
+        if phentsize != 56 || phnum == 0 || phnum > 64 {
+            return None;
+        }
+        stream.skip_to(phoff)?;
+        let mut ph = vec![0u8; 56 * usize::from(phnum)];
+        stream.read_exact(&mut ph)?;
+        let mut segments = Vec::new();
+        let mut kernel_map = None;
+        let (mut load_phys, mut mem_end) = (u64::MAX, 0u64);
+        let mut elf_end = stream.pos;
+        for p in ph.chunks_exact(56) {
+            if u32_at(p, 0) != PT_LOAD {
+                continue;
+            }
+            let (offset, vaddr, paddr) = (u64_at(p, 8), u64_at(p, 16), u64_at(p, 24));
+            let (filesz, memsz) = (u64_at(p, 32), u64_at(p, 40));
+            if filesz > memsz || offset.checked_add(filesz)? > stream.total {
+                return None;
+            }
+            if paddr < load_phys {
+                load_phys = paddr;
+                kernel_map = vaddr.checked_sub(paddr);
+            }
+            mem_end = mem_end.max(paddr.checked_add(memsz)?);
+            elf_end = elf_end.max(offset + filesz);
+            if filesz > 0 {
+                segments.push(Segment {
+                    offset,
+                    paddr,
+                    filesz,
+                });
+            }
+        }
+        segments.sort_by_key(|s| s.offset);
+        // One forward pass: segments must not overlap in the file.
+        let mut at = stream.pos;
+        for s in &segments {
+            if s.offset < at {
+                return None;
+            }
+            at = s.offset + s.filesz;
+        }
+        let sh_end = shoff.checked_add(u64::from(shentsize) * u64::from(shnum))?;
+        elf_end = elf_end.max(sh_end);
+        if segments.is_empty()
+            || !load_phys.is_multiple_of(PMD_SIZE)
+            || elf_end > stream.total
+            || mem_end - load_phys > KERNEL_IMAGE_SIZE
+        {
+            return None;
+        }
+        Some(Unpacking {
+            header,
+            stream,
+            segments,
+            load_phys,
+            kernel_map: kernel_map?,
+            footprint: mem_end - load_phys,
+            elf_end,
+            entry,
+        })
+    }
+
+    /// The kernel's default physical address (where it goes without KASLR).
+    pub fn default_phys(&self) -> u64 {
+        self.load_phys
+    }
+
+    /// Memory the kernel needs from its physical start: its segments, or the setup
+    /// header's `init_size` when that is larger.
+    pub fn size(&self) -> u64 {
+        self.footprint.max(u64::from(self.header.init_size))
+    }
+
+    /// Streams the kernel into `mem` (fresh guest memory: pages of zeroes are not
+    /// written) at a physical address in `[default_phys, limit)`, relocated; random
+    /// offsets unless `kaslr` is false (or the kernel cannot move). `None` if the stream
+    /// turns out malformed or the kernel does not fit.
+    pub fn load(mut self, mem: &GuestMemoryMmap, limit: u64, kaslr: bool) -> Option<Placed> {
+        let kaslr = kaslr && self.header.relocatable_kernel != 0;
+        let size = self.size();
+        let align = u64::from(self.header.kernel_alignment).max(PMD_SIZE);
+        if !align.is_power_of_two() || self.load_phys.checked_add(size)? > limit {
+            return None;
+        }
+        let phys = if kaslr {
+            let slots = (limit - self.load_phys - size) / align + 1;
+            self.load_phys + random() % slots * align
+        } else {
+            self.load_phys
+        };
+        // The virtual offset moves the kernel within its 1 GiB window (as the
+        // decompressor's find_random_virt_addr): delta is what relocation adds.
+        let delta = if kaslr && KERNEL_IMAGE_SIZE > self.load_phys + size {
+            let slots = (KERNEL_IMAGE_SIZE - self.load_phys - size) / PMD_SIZE + 1;
+            random() % slots * PMD_SIZE
+        } else {
+            0
+        };
+        let shift = phys - self.load_phys;
+        for s in self.segments.clone() {
+            self.stream.skip_to(s.offset)?;
+            self.stream.copy_to(mem, s.paddr + shift, s.filesz)?;
+        }
+        self.stream.skip_to(self.elf_end)?;
+        let relocs = self.stream.read_rest(MAX_RELOCS)?;
+        if delta != 0 && !relocs.is_empty() {
+            self.relocate(mem, phys, &relocs, delta)?;
+        }
+        let entry = if self.entry >= self.kernel_map {
+            self.entry - self.kernel_map
+        } else {
+            self.entry
+        };
+        Some(Placed {
+            entry: entry.checked_sub(self.load_phys)? + phys,
+            end: phys + self.footprint,
+            kaslr: kaslr && !relocs.is_empty(),
+        })
+    }
+
+    /// Applies the relocation table (read backwards from its end: 32-bit entries, a
+    /// zero, inverse 32-bit entries, a zero, 64-bit entries, a zero; each the kernel
+    /// virtual address of a place to adjust, sign-extended from 32 bits) for a virtual
+    /// shift of `delta`, to the kernel at `phys`.
+    fn relocate(&self, mem: &GuestMemoryMmap, phys: u64, table: &[u8], delta: u64) -> Option<()> {
+        if !table.len().is_multiple_of(4) {
+            return None;
+        }
+        let words: Vec<i32> = table
+            .chunks_exact(4)
+            .map(|w| i32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect();
+        let mut lists: [Vec<u64>; 3] = Default::default();
+        let mut i = words.len();
+        let base = self.kernel_map.wrapping_add(self.load_phys);
+        for (k, list) in lists.iter_mut().enumerate() {
+            let width = if k == 2 { 8 } else { 4 };
+            loop {
+                i = i.checked_sub(1)?;
+                let w = words[i];
+                if w == 0 {
+                    break;
+                }
+                let off = (i64::from(w) as u64).wrapping_sub(base);
+                if off.checked_add(width)? > self.footprint {
+                    return None;
+                }
+                list.push(off);
+            }
+        }
+        let [rel32, inv32, rel64] = &lists;
+        for off in rel32 {
+            let at = GuestAddress(phys + off);
+            let v: u32 = mem.read_obj(at).ok()?;
+            mem.write_obj(v.wrapping_add(delta as u32), at).ok()?;
+        }
+        for off in inv32 {
+            let at = GuestAddress(phys + off);
+            let v: u32 = mem.read_obj(at).ok()?;
+            mem.write_obj(v.wrapping_sub(delta as u32), at).ok()?;
+        }
+        for off in rel64 {
+            let at = GuestAddress(phys + off);
+            let v: u64 = mem.read_obj(at).ok()?;
+            mem.write_obj(v.wrapping_add(delta), at).ok()?;
+        }
+        Some(())
+    }
+}
+
+/// The body of the `bzimage_unpack` fuzz target: arbitrary bytes as a kernel image,
+/// unpacked into a small guest memory with and without KASLR. Nothing may panic, loop
+/// forever or allocate what the input merely claims.
+pub fn fuzz_one(data: &[u8]) {
+    let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]) else {
+        return;
+    };
+    for kaslr in [false, true] {
+        if let Some(u) = Unpacking::from_source(std::io::Cursor::new(data.to_vec())) {
+            let _ = u.size();
+            let _ = u.load(&mem, 32 << 20, kaslr);
+        }
+    }
+}
+
+/// A random number for the kernel's placement (0 if the system has none to give).
+fn random() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    const TEXT_V: u64 = 0xffff_ffff_8100_0000;
+    const TEXT_P: u64 = 0x100_0000;
+
+    /// A bzImage around a gzip'd ELF with one segment and a relocation table.
+    fn bzimage(dir: &Path, bad_reloc: bool) -> std::path::PathBuf {
+        let mut elf = vec![0u8; 0x200];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 2;
+        elf[5] = 1;
+        elf[0x12..0x14].copy_from_slice(&EM_X86_64.to_le_bytes());
+        elf[0x18..0x20].copy_from_slice(&TEXT_P.to_le_bytes());
+        elf[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        elf[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        elf[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+        let ph = &mut elf[64..120];
+        ph[..4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        ph[8..16].copy_from_slice(&0x100u64.to_le_bytes());
+        ph[16..24].copy_from_slice(&TEXT_V.to_le_bytes());
+        ph[24..32].copy_from_slice(&TEXT_P.to_le_bytes());
+        ph[32..40].copy_from_slice(&0x100u64.to_le_bytes());
+        ph[40..48].copy_from_slice(&0x3000u64.to_le_bytes());
+        // Segment data: a 64-bit pointer at +0x10, a 32-bit one at +0x20, an inverse
+        // 32-bit one at +0x30.
+        elf[0x110..0x118].copy_from_slice(&(TEXT_V + 0x80).to_le_bytes());
+        elf[0x120..0x124].copy_from_slice(&((TEXT_V + 0x90) as u32).to_le_bytes());
+        elf[0x130..0x134].copy_from_slice(&0x1000u32.to_le_bytes());
+        let rel = |off: u64| ((TEXT_V + off) as i64 as i32).to_le_bytes();
+        let first = if bad_reloc { 0x10_0000 } else { 0x10 };
+        for w in [[0; 4], rel(first), [0; 4], rel(0x30), [0; 4], rel(0x20)] {
+            elf.extend_from_slice(&w);
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&elf).unwrap();
+        let mut payload = gz.finish().unwrap();
+        payload.extend_from_slice(&(elf.len() as u32).to_le_bytes());
+        let mut image = vec![0u8; 1024];
+        image[SETUP_HEADER_OFFSET] = 1;
+        image[0x202..0x206].copy_from_slice(&HDR_MAGIC.to_le_bytes());
+        image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        image[0x211] = 1;
+        image[0x230..0x234].copy_from_slice(&(2u32 << 20).to_le_bytes());
+        image[0x234] = 1;
+        image[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        image[0x260..0x264].copy_from_slice(&0x4000u32.to_le_bytes());
+        image.extend_from_slice(&payload);
+        let path = dir.join("bzImage");
+        std::fs::write(&path, image).unwrap();
+        path
+    }
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap()
+    }
+
+    #[test]
+    fn unpacks_in_place_without_kaslr() {
+        let dir = std::env::temp_dir().join(format!("rqemu-unpack-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mem = memory();
+        let u = Unpacking::open(&bzimage(&dir, false)).expect("a bzImage it can unpack");
+        assert_eq!((u.default_phys(), u.size()), (TEXT_P, 0x4000));
+        let p = u.load(&mem, 64 << 20, false).unwrap();
+        assert_eq!((p.entry, p.end, p.kaslr), (TEXT_P, TEXT_P + 0x3000, false));
+        let v: u64 = mem.read_obj(GuestAddress(TEXT_P + 0x10)).unwrap();
+        assert_eq!(v, TEXT_V + 0x80);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn kaslr_moves_and_relocates() {
+        let dir = std::env::temp_dir().join(format!("rqemu-kaslr-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = bzimage(&dir, false);
+        let mem = memory();
+        // Every placement lands 2 MiB-aligned inside the limit, with every kind of
+        // relocation adjusted by the same virtual shift.
+        for _ in 0..8 {
+            let u = Unpacking::open(&path).unwrap();
+            let p = u.load(&mem, 64 << 20, true).unwrap();
+            assert!(p.kaslr);
+            let phys = p.entry;
+            assert!(phys >= TEXT_P && phys + 0x4000 <= 64 << 20 && phys.is_multiple_of(2 << 20));
+            let v64: u64 = mem.read_obj(GuestAddress(phys + 0x10)).unwrap();
+            let v32: u32 = mem.read_obj(GuestAddress(phys + 0x20)).unwrap();
+            let inv: u32 = mem.read_obj(GuestAddress(phys + 0x30)).unwrap();
+            let delta = v64 - (TEXT_V + 0x80);
+            assert_eq!(delta % (2 << 20), 0);
+            assert_eq!(v32, ((TEXT_V + 0x90) as u32).wrapping_add(delta as u32));
+            assert_eq!(inv, 0x1000u32.wrapping_sub(delta as u32));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn anything_else_is_left_alone() {
+        let dir = std::env::temp_dir().join(format!("rqemu-other-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = bzimage(&dir, false);
+        let mut image = std::fs::read(&path).unwrap();
+        // An unknown compressor.
+        image[1024] ^= 0xff;
+        std::fs::write(&path, &image).unwrap();
+        assert!(Unpacking::open(&path).is_none());
+        image[1024] ^= 0xff;
+        std::fs::write(&path, &image).unwrap();
+        assert!(Unpacking::open(&path).is_some());
+        // A relocation outside the kernel: the stream is refused once it is read.
+        let bad = bzimage(&dir, true);
+        let u = Unpacking::open(&bad).unwrap();
+        assert!(u.load(&memory(), 64 << 20, true).is_none());
+        std::fs::write(&path, b"not a kernel").unwrap();
+        assert!(Unpacking::open(&path).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The fuzz target's body on cut and corrupted images (and the fuzzer's own corpus
+    /// starts from such an image).
+    #[test]
+    fn broken_images_are_refused() {
+        let dir = std::env::temp_dir().join(format!("rqemu-broken-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = std::fs::read(bzimage(&dir, false)).unwrap();
+        for cut in (0..image.len()).step_by(61) {
+            fuzz_one(&image[..cut]);
+        }
+        for at in (0x1f1..image.len()).step_by(7) {
+            let mut bad = image.clone();
+            bad[at] ^= 0x5a;
+            fuzz_one(&bad);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The host's own kernel, when there is one: unpacked, placed and relocated.
+    #[test]
+    fn unpacks_the_host_kernel() {
+        let Some(k) = std::fs::read_dir("/boot").ok().and_then(|d| {
+            d.flatten().map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
+        }) else {
+            return;
+        };
+        let Some(u) = Unpacking::open(&k) else {
+            return;
+        };
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 512 << 20)]).unwrap();
+        let size = u.size();
+        let p = u.load(&mem, 512 << 20, true).expect("the kernel unpacks");
+        assert!(p.kaslr);
+        assert!(p.end - (p.entry & !((2 << 20) - 1)) <= size);
+    }
+}
