@@ -22,7 +22,7 @@ scratch=/tmp/rqemu-l1-scratch
 mkdir -p "$scratch"
 {
     printf 'cd %q || exit 125\n' "$PWD"
-    printf 'export RQEMU_SCRATCH=%q RQEMU_NESTED=1\n' "$scratch"
+    printf 'export RQEMU_SCRATCH=%q RQEMU_NESTED=1 HOME=%q\n' "$scratch" "${HOME:-/root}"
     printf '%q ' "$@"
     echo
 } > "$root/run.sh"

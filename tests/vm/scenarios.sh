@@ -14,6 +14,8 @@ KERNEL=$(vm_kernel)
 S=${RQEMU_SCRATCH:-/var/tmp}/rqemu-vm-$$
 mkdir -p "$S"
 trap 'rm -rf "$S"' EXIT
+# A kernel cache of the run's own: the first boot unpacks the kernel, later ones read it.
+export RQEMU_KERNEL_CACHE=$S/kernels
 names=${*:-basic snapshot noreboot reboot disks}
 UUID=5a0c1c2e-77b4-4c1d-9a52-0123456789ab
 
@@ -75,6 +77,7 @@ scenario_basic() {
     { [ -n "$flags" ] && [ $((0x$flags & 2)) != 0 ]; } || fail "KASLR flag not set (loadflags ${flags:-?})"
     { [[ $text =~ ^ffffffff[89ab][0-9a-f]{7}$ ]] && [ $((0x${text:8} % 0x200000)) = 0 ]; } ||
         fail "kernel text at '${text:-?}'"
+    compgen -G "$RQEMU_KERNEL_CACHE/*.kernel" >/dev/null || fail "the unpacked kernel was not kept"
     local kb
     kb=$(sed -n 's/^RQ: memkb=//p' "$S/basic.log")
     { [ -n "$kb" ] && [ "$kb" -gt 400000 ] && [ "$kb" -le 524288 ]; } || fail "MemTotal ${kb:-?} kB for -m 512"

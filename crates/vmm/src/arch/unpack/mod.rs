@@ -13,6 +13,9 @@
 //! the kernel's decompressor chooses them, and `KASLR_FLAG` tells the kernel so. The
 //! kernel is then entered at its own 64-bit entry point with the zero page.
 //!
+//! - `stream`: the decompressed payload as a forward-only stream.
+//! - [`cache`]: decompressed payloads kept for the next boot of the same kernel file.
+//!
 //! What this does not recognise (an older boot protocol, another compressor, an ELF laid
 //! out otherwise, a malformed relocation table) is left to [`super::boot`], which loads
 //! the whole bzImage and lets it decompress itself.
@@ -22,11 +25,17 @@
 //! forward pass over a decompressing stream.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use linux_loader::loader::bootparam::setup_header;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+
+pub mod cache;
+mod stream;
+
+use cache::Cache;
+use stream::Stream;
 
 /// Offset of the setup header in a bzImage.
 const SETUP_HEADER_OFFSET: usize = 0x1f1;
@@ -42,10 +51,6 @@ const KERNEL_IMAGE_SIZE: u64 = 1 << 30;
 const MAX_UNPACKED: u64 = 1 << 30;
 /// Largest relocation table taken.
 const MAX_RELOCS: u64 = 16 << 20;
-/// Bytes copied to guest memory at a time.
-const CHUNK: usize = 1 << 20;
-/// Granularity of the all-zero check.
-const PAGE: usize = 4096;
 
 const PT_LOAD: u32 = 1;
 const EM_X86_64: u16 = 62;
@@ -86,64 +91,6 @@ pub struct Placed {
     pub kaslr: bool,
 }
 
-/// A forward-only reader of the decompressed payload that counts its position.
-struct Stream {
-    inner: Box<dyn Read>,
-    pos: u64,
-    /// The size the payload states for itself.
-    total: u64,
-}
-
-impl Stream {
-    fn read_exact(&mut self, buf: &mut [u8]) -> Option<()> {
-        self.inner.read_exact(buf).ok()?;
-        self.pos += buf.len() as u64;
-        (self.pos <= self.total).then_some(())
-    }
-
-    fn skip_to(&mut self, offset: u64) -> Option<()> {
-        let n = offset.checked_sub(self.pos)?;
-        let copied = std::io::copy(&mut (&mut self.inner).take(n), &mut std::io::sink()).ok()?;
-        self.pos += copied;
-        (copied == n && self.pos <= self.total).then_some(())
-    }
-
-    /// Copies `len` bytes of the stream to guest memory at `addr`. Pages that are all
-    /// zeroes are skipped: the guest's memory is fresh, and a page the guest never
-    /// writes then never costs the host one.
-    fn copy_to(&mut self, mem: &GuestMemoryMmap, addr: u64, len: u64) -> Option<()> {
-        let mut buf = vec![0u8; CHUNK.min(len as usize)];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(CHUNK as u64) as usize;
-            self.read_exact(&mut buf[..n])?;
-            let mut at = 0;
-            for page in buf[..n].chunks(PAGE) {
-                if page.iter().any(|b| *b != 0) {
-                    mem.write_slice(page, GuestAddress(addr + done + at)).ok()?;
-                }
-                at += page.len() as u64;
-            }
-            done += n as u64;
-        }
-        Some(())
-    }
-
-    /// The rest of the stream, up to the size it states (what a decoder makes of the
-    /// bytes after its stream is not asked for).
-    fn read_rest(&mut self, limit: u64) -> Option<Vec<u8>> {
-        let n = self.total - self.pos;
-        if n > limit {
-            return None;
-        }
-        // (Read as it comes: a truncated stream must not cost the size it claims.)
-        let mut rest = Vec::new();
-        (&mut self.inner).take(n).read_to_end(&mut rest).ok()?;
-        self.pos += rest.len() as u64;
-        (rest.len() as u64 == n).then_some(rest)
-    }
-}
-
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
@@ -156,31 +103,29 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default())
 }
 
-/// The decompressor for a payload, known by its magic bytes.
-fn decoder<R: BufRead + 'static>(magic: &[u8], input: R) -> Option<Box<dyn Read>> {
-    if magic.starts_with(b"\xfd7zXZ\x00") {
-        Some(Box::new(xz2::read::XzDecoder::new(input)))
-    } else if magic.starts_with(b"\x1f\x8b") {
-        Some(Box::new(flate2::read::GzDecoder::new(input)))
-    } else if magic.starts_with(b"\x28\xb5\x2f\xfd") {
-        Some(Box::new(
-            zstd::stream::read::Decoder::with_buffer(input)
-                .ok()?
-                .single_frame(),
-        ))
-    } else {
-        None
-    }
-}
-
 impl Unpacking {
-    /// Opens `path` as a bzImage this module can unpack; `None` if it is not one.
+    /// Opens `path` as a bzImage this module can unpack; `None` if it is not one. The
+    /// user's kernel cache ([`cache`]) is used when there is one.
     pub fn open(path: &Path) -> Option<Unpacking> {
-        Self::from_source(File::open(path).ok()?)
+        Self::open_cached(path, Cache::from_env().as_ref())
     }
 
-    /// As [`Unpacking::open`], from any seekable source of the image's bytes.
-    pub fn from_source<R: Read + Seek + 'static>(mut file: R) -> Option<Unpacking> {
+    /// As [`Unpacking::open`], with the kernel cache `cache`.
+    pub fn open_cached(path: &Path, cache: Option<&Cache>) -> Option<Unpacking> {
+        let file = File::open(path).ok()?;
+        let key = cache::key(&file.metadata().ok()?);
+        Self::from_parts(file, cache.map(|c| (c, key.as_str())))
+    }
+
+    /// As [`Unpacking::open`], from any seekable source of the image's bytes (no cache).
+    pub fn from_source<R: Read + Seek + 'static>(file: R) -> Option<Unpacking> {
+        Self::from_parts(file, None)
+    }
+
+    fn from_parts<R: Read + Seek + 'static>(
+        mut file: R,
+        cache: Option<(&Cache, &str)>,
+    ) -> Option<Unpacking> {
         let file_len = file.seek(SeekFrom::End(0)).ok()?;
         file.rewind().ok()?;
         let mut head = [0u8; 0x270];
@@ -215,12 +160,19 @@ impl Unpacking {
         file.seek(SeekFrom::Start(payload)).ok()?;
         file.read_exact(&mut magic).ok()?;
         file.seek(SeekFrom::Start(payload)).ok()?;
+        if let Some(hit) = cache.and_then(|(c, key)| c.lookup(key, total)) {
+            let cached = Stream::new(
+                Box::new(BufReader::with_capacity(1 << 16, hit)),
+                total,
+                None,
+            );
+            if let Some(u) = Self::read_elf(header, cached) {
+                return Some(u);
+            }
+        }
         let input = BufReader::with_capacity(1 << 16, file.take(payload_len));
-        let stream = Stream {
-            inner: decoder(&magic, input)?,
-            pos: 0,
-            total,
-        };
+        let record = cache.and_then(|(c, key)| c.entry(key));
+        let stream = Stream::new(stream::decoder(&magic, input)?, total, record);
         Self::read_elf(header, stream)
     }
 
@@ -345,6 +297,7 @@ impl Unpacking {
         if delta != 0 && !relocs.is_empty() {
             self.relocate(mem, phys, &relocs, delta)?;
         }
+        self.stream.finish();
         let entry = if self.entry >= self.kernel_map {
             self.entry - self.kernel_map
         } else {
@@ -485,34 +438,56 @@ mod tests {
         path
     }
 
+    /// A directory of the test's own, removed at the end.
+    struct Scratch(std::path::PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let dir = std::env::temp_dir().join(format!("rqemu-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl std::ops::Deref for Scratch {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap()
     }
 
     #[test]
     fn unpacks_in_place_without_kaslr() {
-        let dir = std::env::temp_dir().join(format!("rqemu-unpack-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = Scratch::new("unpack");
         let mem = memory();
-        let u = Unpacking::open(&bzimage(&dir, false)).expect("a bzImage it can unpack");
+        let u =
+            Unpacking::open_cached(&bzimage(&dir, false), None).expect("a bzImage it can unpack");
         assert_eq!((u.default_phys(), u.size()), (TEXT_P, 0x4000));
         let p = u.load(&mem, 64 << 20, false).unwrap();
         assert_eq!((p.entry, p.end, p.kaslr), (TEXT_P, TEXT_P + 0x3000, false));
         let v: u64 = mem.read_obj(GuestAddress(TEXT_P + 0x10)).unwrap();
         assert_eq!(v, TEXT_V + 0x80);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn kaslr_moves_and_relocates() {
-        let dir = std::env::temp_dir().join(format!("rqemu-kaslr-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = Scratch::new("kaslr");
         let path = bzimage(&dir, false);
         let mem = memory();
         // Every placement lands 2 MiB-aligned inside the limit, with every kind of
         // relocation adjusted by the same virtual shift.
         for _ in 0..8 {
-            let u = Unpacking::open(&path).unwrap();
+            let u = Unpacking::open_cached(&path, None).unwrap();
             let p = u.load(&mem, 64 << 20, true).unwrap();
             assert!(p.kaslr);
             let phys = p.entry;
@@ -525,37 +500,73 @@ mod tests {
             assert_eq!(v32, ((TEXT_V + 0x90) as u32).wrapping_add(delta as u32));
             assert_eq!(inv, 0x1000u32.wrapping_sub(delta as u32));
         }
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn anything_else_is_left_alone() {
-        let dir = std::env::temp_dir().join(format!("rqemu-other-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = Scratch::new("other");
         let path = bzimage(&dir, false);
         let mut image = std::fs::read(&path).unwrap();
         // An unknown compressor.
         image[1024] ^= 0xff;
         std::fs::write(&path, &image).unwrap();
-        assert!(Unpacking::open(&path).is_none());
+        assert!(Unpacking::open_cached(&path, None).is_none());
         image[1024] ^= 0xff;
         std::fs::write(&path, &image).unwrap();
-        assert!(Unpacking::open(&path).is_some());
+        assert!(Unpacking::open_cached(&path, None).is_some());
         // A relocation outside the kernel: the stream is refused once it is read.
         let bad = bzimage(&dir, true);
-        let u = Unpacking::open(&bad).unwrap();
+        let u = Unpacking::open_cached(&bad, None).unwrap();
         assert!(u.load(&memory(), 64 << 20, true).is_none());
         std::fs::write(&path, b"not a kernel").unwrap();
-        assert!(Unpacking::open(&path).is_none());
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(Unpacking::open_cached(&path, None).is_none());
+    }
+
+    /// The first boot records the decompressed stream, the next reads it back: the same
+    /// kernel in guest memory, and no entry for a stream that was not used up.
+    #[test]
+    fn the_cache_gives_back_what_was_unpacked() {
+        let dir = Scratch::new("cache");
+        let path = bzimage(&dir, false);
+        let cache = Cache::at(&dir.join("kernels"));
+        let entries = || {
+            std::fs::read_dir(dir.join("kernels"))
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        let cold = memory();
+        let u = Unpacking::open_cached(&path, Some(&cache)).unwrap();
+        assert!(u.stream.is_recorded());
+        u.load(&cold, 64 << 20, false).unwrap();
+        let names = entries();
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert!(names[0].to_string_lossy().ends_with(".kernel"));
+        // The entry is the decompressed stream; the decompressor is not needed again.
+        let warm = memory();
+        let u = Unpacking::open_cached(&path, Some(&cache)).unwrap();
+        assert!(!u.stream.is_recorded());
+        u.load(&warm, 64 << 20, false).unwrap();
+        let (mut a, mut b) = (vec![0u8; 0x4000], vec![0u8; 0x4000]);
+        cold.read_slice(&mut a, GuestAddress(TEXT_P)).unwrap();
+        warm.read_slice(&mut b, GuestAddress(TEXT_P)).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(
+            u64::from_le_bytes(a[0x10..0x18].try_into().unwrap()),
+            TEXT_V + 0x80
+        );
+        // A stream refused half-way leaves nothing behind.
+        std::fs::remove_dir_all(dir.join("kernels")).unwrap();
+        let bad = bzimage(&dir, true);
+        let u = Unpacking::open_cached(&bad, Some(&cache)).unwrap();
+        assert!(u.load(&memory(), 64 << 20, true).is_none());
+        assert!(entries().is_empty());
     }
 
     /// The fuzz target's body on cut and corrupted images (and the fuzzer's own corpus
     /// starts from such an image).
     #[test]
     fn broken_images_are_refused() {
-        let dir = std::env::temp_dir().join(format!("rqemu-broken-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = Scratch::new("broken");
         let image = std::fs::read(bzimage(&dir, false)).unwrap();
         for cut in (0..image.len()).step_by(61) {
             fuzz_one(&image[..cut]);
@@ -565,7 +576,6 @@ mod tests {
             bad[at] ^= 0x5a;
             fuzz_one(&bad);
         }
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// The host's own kernel, when there is one: unpacked, placed and relocated.
@@ -579,7 +589,7 @@ mod tests {
         }) else {
             return;
         };
-        let Some(u) = Unpacking::open(&k) else {
+        let Some(u) = Unpacking::open_cached(&k, None) else {
             return;
         };
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 512 << 20)]).unwrap();
