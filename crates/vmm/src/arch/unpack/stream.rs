@@ -10,6 +10,9 @@ use super::cache::Entry;
 
 /// Bytes copied to guest memory (or skipped) at a time.
 const CHUNK: usize = 1 << 20;
+/// Most memory the xz decoder may take (its dictionary: 32 MiB for the kernel's own
+/// settings); a payload asking for more is not unpacked here.
+const XZ_MEMLIMIT: u64 = 256 << 20;
 /// Granularity of the all-zero check.
 pub(super) const PAGE: usize = 4096;
 
@@ -27,7 +30,8 @@ pub(super) struct Stream {
 /// The decompressor for a payload, known by its magic bytes.
 pub(super) fn decoder<R: BufRead + 'static>(magic: &[u8], input: R) -> Option<Box<dyn Read>> {
     if magic.starts_with(b"\xfd7zXZ\x00") {
-        Some(Box::new(xz2::read::XzDecoder::new(input)))
+        let stream = xz2::stream::Stream::new_stream_decoder(XZ_MEMLIMIT, 0).ok()?;
+        Some(Box::new(xz2::read::XzDecoder::new_stream(input, stream)))
     } else if magic.starts_with(b"\x1f\x8b") {
         Some(Box::new(flate2::read::GzDecoder::new(input)))
     } else if magic.starts_with(b"\x28\xb5\x2f\xfd") {
