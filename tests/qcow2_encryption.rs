@@ -57,6 +57,16 @@ fn io_ok(prog: &str, spec: &str, cmds: &[&str]) {
     );
 }
 
+/// `create -q -f FMT --object SECRET -o OPTS IMG SIZE` with `prog`, which must succeed.
+fn create_encrypted(prog: &str, fmt: &str, opts: &str, img: &str, size: &str) {
+    run_ok(
+        prog,
+        &[
+            "create", "-q", "-f", fmt, "--object", SECRET, "-o", opts, img, size,
+        ],
+    );
+}
+
 const WRITES: &[&str] = &[
     "write -P 0x11 0 64k",
     "write -P 0x22 65024 1024",
@@ -89,12 +99,7 @@ fn rqemu_images_read_back_in_qemu() {
     let s = Scratch::new("enc-r2q");
     for (i, opts) in QCOW2_VARIANTS.iter().enumerate() {
         let img = s.file(&format!("r{i}.qcow2"));
-        run_ok(
-            rqemu_img(),
-            &[
-                "create", "-q", "-f", "qcow2", "--object", SECRET, "-o", opts, &img, "8M",
-            ],
-        );
+        create_encrypted(&rqemu_img(), "qcow2", opts, &img, "8M");
         let sp = spec("qcow2", &img);
         io_ok(&rqemu_io(), &sp, WRITES);
         io_ok("qemu-io", &sp, READS);
@@ -111,12 +116,7 @@ fn qemu_images_read_back_in_rqemu() {
     let s = Scratch::new("enc-q2r");
     for (i, opts) in QCOW2_VARIANTS.iter().enumerate() {
         let img = s.file(&format!("q{i}.qcow2"));
-        run_ok(
-            "qemu-img",
-            &[
-                "create", "-q", "-f", "qcow2", "--object", SECRET, "-o", opts, &img, "8M",
-            ],
-        );
+        create_encrypted("qemu-img", "qcow2", opts, &img, "8M");
         let sp = spec("qcow2", &img);
         io_ok("qemu-io", &sp, WRITES);
         io_ok(&rqemu_io(), &sp, READS);
@@ -141,12 +141,7 @@ fn raw_luks_both_ways() {
     ] {
         let img = s.file("v.luks");
         let _ = std::fs::remove_file(&img);
-        run_ok(
-            &maker,
-            &[
-                "create", "-q", "-f", "luks", "--object", SECRET, "-o", opts, &img, "4M",
-            ],
-        );
+        create_encrypted(&maker, "luks", opts, &img, "4M");
         let writer = if reader == "qemu-io" {
             rqemu_io()
         } else {
@@ -175,12 +170,7 @@ fn info_matches_qemu() {
     let s = Scratch::new("enc-info");
     for (i, opts) in QCOW2_VARIANTS.iter().enumerate() {
         let img = s.file(&format!("i{i}.qcow2"));
-        run_ok(
-            rqemu_img(),
-            &[
-                "create", "-q", "-f", "qcow2", "--object", SECRET, "-o", opts, &img, "8M",
-            ],
-        );
+        create_encrypted(&rqemu_img(), "qcow2", opts, &img, "8M");
         for output in ["human", "json"] {
             let q = run_ok("qemu-img", &["info", "--output", output, &img]);
             let r = run_ok(rqemu_img(), &["info", "--output", output, &img]);
@@ -192,20 +182,12 @@ fn info_matches_qemu() {
         assert_eq!(r, q, "info --image-opts of {opts}");
     }
     let img = s.file("i.luks");
-    run_ok(
+    create_encrypted(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "luks",
-            "--object",
-            SECRET,
-            "-o",
-            "key-secret=sec0,iter-time=10,cipher-mode=cbc,ivgen-alg=essiv",
-            &img,
-            "1M",
-        ],
+        "luks",
+        "key-secret=sec0,iter-time=10,cipher-mode=cbc,ivgen-alg=essiv",
+        &img,
+        "1M",
     );
     for output in ["human", "json"] {
         let q = run_ok("qemu-img", &["info", "--output", output, &img]);
@@ -219,21 +201,7 @@ fn secret_errors_match_qemu() {
     require_qemu!();
     let s = Scratch::new("enc-err");
     let img = s.file("e.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "--object",
-            SECRET,
-            "-o",
-            QCOW2_VARIANTS[0],
-            &img,
-            "1M",
-        ],
-    );
+    create_encrypted("qemu-img", "qcow2", QCOW2_VARIANTS[0], &img, "1M");
     let sp = spec("qcow2", &img);
     // Wrong password, unknown secret, missing key-secret, wrong format option.
     let cases: Vec<(&str, String)> = vec![
@@ -261,21 +229,7 @@ fn amended_keyslots_work_in_qemu() {
     require_qemu!();
     let s = Scratch::new("enc-amend");
     let img = s.file("a.qcow2");
-    run_ok(
-        rqemu_img(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "--object",
-            SECRET,
-            "-o",
-            QCOW2_VARIANTS[0],
-            &img,
-            "1M",
-        ],
-    );
+    create_encrypted(&rqemu_img(), "qcow2", QCOW2_VARIANTS[0], &img, "1M");
     let sp = spec("qcow2", &img);
     io_ok(&rqemu_io(), &sp, &["write -P 0x5 0 4k"]);
     let new = "secret,id=sec1,data=furby";
@@ -331,20 +285,12 @@ fn poke(img: &str, base: u64, at: u64, value: u32) {
 fn hostile_luks_headers_are_refused_quickly() {
     let s = Scratch::new("enc-hostile");
     let pristine = s.file("p.luks");
-    run_ok(
-        rqemu_img(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "luks",
-            "--object",
-            SECRET,
-            "-o",
-            "key-secret=sec0,iter-time=10",
-            &pristine,
-            "1M",
-        ],
+    create_encrypted(
+        &rqemu_img(),
+        "luks",
+        "key-secret=sec0,iter-time=10",
+        &pristine,
+        "1M",
     );
     // (offset in the header, value): digest iterations, key size, slot 0's iterations,
     // stripes, key material offset, state, payload offset.
@@ -384,21 +330,7 @@ fn hostile_crypto_header_extensions_fail_as_in_qemu() {
     require_qemu!();
     let s = Scratch::new("enc-ext");
     let pristine = s.file("p.qcow2");
-    run_ok(
-        rqemu_img(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "--object",
-            SECRET,
-            "-o",
-            QCOW2_VARIANTS[0],
-            &pristine,
-            "1M",
-        ],
-    );
+    create_encrypted(&rqemu_img(), "qcow2", QCOW2_VARIANTS[0], &pristine, "1M");
     // The extension follows the 112-byte header: offset at 0x78, length at 0x80.
     let cases: &[(u64, u64)] = &[
         (0x80, 10),

@@ -123,10 +123,9 @@ fn parse_event(v: &str) -> Result<Event> {
     Event::parse(v).ok_or_else(|| Error::invalid(format!("invalid parameter value: {v}")))
 }
 
-/// Builds the rule of one section (`inject-error` or `set-state`) from its entries.
-pub fn rule_from_entries(group: &str, entries: &[(String, String)]) -> Result<RuleSpec> {
-    let inject = group == "inject-error";
-    let allowed: &[&str] = if inject {
+/// The keys a section (`inject-error` or `set-state`) takes.
+fn section_keys(group: &str) -> &'static [&'static str] {
+    if group == "inject-error" {
         &[
             "event",
             "state",
@@ -138,7 +137,13 @@ pub fn rule_from_entries(group: &str, entries: &[(String, String)]) -> Result<Ru
         ]
     } else {
         &["event", "state", "new_state"]
-    };
+    }
+}
+
+/// Builds the rule of one section (`inject-error` or `set-state`) from its entries.
+pub fn rule_from_entries(group: &str, entries: &[(String, String)]) -> Result<RuleSpec> {
+    let inject = group == "inject-error";
+    let allowed = section_keys(group);
     let mut event = None;
     let mut state = 0;
     let mut errno = libc::EIO as i64;
@@ -251,20 +256,7 @@ pub fn parse_config(text: &str) -> Result<Vec<RuleSpec>> {
                 let Some((group, entries)) = sections.last_mut() else {
                     return Err(Error::invalid("no group defined"));
                 };
-                let allowed: &[&str] = if group == "inject-error" {
-                    &[
-                        "event",
-                        "state",
-                        "iotype",
-                        "errno",
-                        "sector",
-                        "once",
-                        "immediately",
-                    ]
-                } else {
-                    &["event", "state", "new_state"]
-                };
-                if !allowed.contains(&k.as_str()) {
+                if !section_keys(group).contains(&k.as_str()) {
                     return Err(Error::invalid(format!("Invalid parameter '{k}'")));
                 }
                 match entries.iter_mut().find(|(ek, _)| *ek == k) {

@@ -19,18 +19,6 @@ use std::task::{Context, Poll, Waker};
 /// One system call to run against a file descriptor.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Op {
-    /// `pread(fd, buf, len, offset)`.
-    Read {
-        buf: *mut u8,
-        len: usize,
-        offset: u64,
-    },
-    /// `pwrite(fd, buf, len, offset)`.
-    Write {
-        buf: *const u8,
-        len: usize,
-        offset: u64,
-    },
     /// `preadv(fd, iov, cnt, offset)`.
     Readv {
         iov: *const libc::iovec,
@@ -56,18 +44,11 @@ unsafe impl Send for Op {}
 impl Op {
     /// Runs the call on the current thread; returns the result or `-errno`.
     pub(crate) fn run_blocking(&self, fd: RawFd) -> isize {
-        // SAFETY: for Read/Write the pointer and length describe a buffer borrowed by the
-        // IoFuture for this operation, alive until the operation completes; for
-        // Readv/Writev the iovec array and every buffer it points at are kept alive the
-        // same way; the other calls take no pointers.
+        // SAFETY: for Readv/Writev the iovec array and every buffer it points at are
+        // borrowed by the IoFuture for this operation, alive until the operation
+        // completes; the other calls take no pointers.
         let ret = unsafe {
             match *self {
-                Op::Read { buf, len, offset } => {
-                    libc::pread(fd, buf.cast(), len, offset as libc::off_t)
-                }
-                Op::Write { buf, len, offset } => {
-                    libc::pwrite(fd, buf.cast(), len, offset as libc::off_t)
-                }
                 Op::Readv { iov, cnt, offset } => {
                     libc::preadv(fd, iov, cnt as libc::c_int, offset as libc::off_t)
                 }
@@ -80,13 +61,18 @@ impl Op {
                 }
             }
         };
-        if ret < 0 {
-            -(std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO) as isize)
-        } else {
-            ret
-        }
+        errno_result(ret)
+    }
+}
+
+/// A system call's result, or `-errno` after a failure.
+pub(crate) fn errno_result(r: isize) -> isize {
+    if r < 0 {
+        -(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO) as isize)
+    } else {
+        r
     }
 }
 

@@ -32,6 +32,7 @@ use crate::options::{AioMode, CacheMode};
 use crate::perm::PermRequest;
 
 use engine::{Engine, IoFuture, Op};
+use vectored::{Dir, IoVecs};
 
 /// How to open a file node.
 #[derive(Debug, Clone)]
@@ -240,35 +241,13 @@ impl FileNode {
     }
 
     async fn pread_part(&self, offset: u64, buf: &mut [u8], inline: bool) -> Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let rest = &mut buf[done..];
-            let pos = offset + done as u64;
-            let mut n = -libc::EAGAIN as isize;
-            if inline {
-                n = preadv2_nowait(self.fd(), rest, pos);
-            }
-            if n == -libc::EAGAIN as isize || n == -libc::EOPNOTSUPP as isize {
-                let op = Op::Read {
-                    buf: rest.as_mut_ptr(),
-                    len: rest.len(),
-                    offset: pos,
-                };
-                n = self.engine.submit(self.fd(), op).await;
-            }
-            if n == -libc::EINTR as isize {
-                continue;
-            }
-            if n < 0 {
-                return Err(Error::errno(-n as i32));
-            }
-            if n == 0 {
-                // Past the end of the file: reads as zeroes, as QEMU pads short reads.
-                rest.fill(0);
-                break;
-            }
-            done += n as usize;
-        }
+        let iov = IoVecs([libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }]);
+        let done = self.transfer(offset, iov, Dir::Read, inline).await?;
+        // Past the end of the file: reads as zeroes, as QEMU pads short reads.
+        buf[done..].fill(0);
         Ok(())
     }
 
@@ -282,37 +261,11 @@ impl FileNode {
     }
 
     async fn pwrite_part(&self, offset: u64, buf: &[u8], inline: bool) -> Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let rest = &buf[done..];
-            let pos = offset + done as u64;
-            let mut n = -libc::EAGAIN as isize;
-            if inline {
-                n = pwritev2_nowait(self.fd(), rest, pos);
-                if n == -libc::EOPNOTSUPP as isize || n == -libc::EINVAL as isize {
-                    self.nowait_writes.store(false, Ordering::Relaxed);
-                    n = -libc::EAGAIN as isize;
-                }
-            }
-            if n == -libc::EAGAIN as isize {
-                let op = Op::Write {
-                    buf: rest.as_ptr(),
-                    len: rest.len(),
-                    offset: pos,
-                };
-                n = self.engine.submit(self.fd(), op).await;
-            }
-            if n == -libc::EINTR as isize {
-                continue;
-            }
-            if n < 0 {
-                return Err(Error::errno(-n as i32));
-            }
-            if n == 0 {
-                return Err(Error::errno(libc::EIO));
-            }
-            done += n as usize;
-        }
+        let iov = IoVecs([libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        }]);
+        self.transfer(offset, iov, Dir::Write, inline).await?;
         Ok(())
     }
 
@@ -374,39 +327,6 @@ impl Drop for ChangeGuard<'_> {
 const SPLIT_BYTES: usize = 1 << 20;
 /// Where split requests are cut (page-aligned, and cluster-aligned for common sizes).
 const SPLIT_ALIGN: usize = 64 << 10;
-
-fn preadv2_nowait(fd: RawFd, buf: &mut [u8], offset: u64) -> isize {
-    let iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: iov describes `buf`, valid for writes for the duration of the call.
-    let r = unsafe { libc::preadv2(fd, &iov, 1, offset as libc::off_t, libc::RWF_NOWAIT) };
-    if r < 0 {
-        -(std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO) as isize)
-    } else {
-        r
-    }
-}
-
-fn pwritev2_nowait(fd: RawFd, buf: &[u8], offset: u64) -> isize {
-    let iov = libc::iovec {
-        iov_base: buf.as_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: iov describes `buf`, valid for reads for the duration of the call; the
-    // kernel does not write through it.
-    let r = unsafe { libc::pwritev2(fd, &iov, 1, offset as libc::off_t, libc::RWF_NOWAIT) };
-    if r < 0 {
-        -(std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO) as isize)
-    } else {
-        r
-    }
-}
 
 fn block_device_size(fd: RawFd) -> std::io::Result<u64> {
     let mut size: u64 = 0;

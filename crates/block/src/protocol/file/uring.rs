@@ -80,12 +80,6 @@ impl Engine for Arc<Uring> {
         let slot = Slot::new();
         let fd = types::Fd(fd);
         let entry = match op {
-            Op::Read { buf, len, offset } => opcode::Read::new(fd, buf, len as u32)
-                .offset(offset)
-                .build(),
-            Op::Write { buf, len, offset } => opcode::Write::new(fd, buf, len as u32)
-                .offset(offset)
-                .build(),
             Op::Readv { iov, cnt, offset } => opcode::Readv::new(fd, iov, cnt as u32)
                 .offset(offset)
                 .build(),

@@ -13,23 +13,23 @@ use crate::error::{Error, Result};
 use crate::iov;
 use crate::node::{BlockDriver, WriteFlags};
 
-use super::engine::Op;
+use super::engine::{self, Op};
 use super::{FileNode, SPLIT_ALIGN, SPLIT_BYTES};
 
 /// Most iovec entries one system call takes (Linux's `UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
 
-/// The iovec array of one request, kept across awaits.
-struct IoVecs(Vec<libc::iovec>);
+/// The iovec array of one request (an array or a vector), kept across awaits.
+pub(super) struct IoVecs<T>(pub(super) T);
 
 // SAFETY: the pointers describe buffers borrowed by the request's future (and so Send
 // with it); they are only used by the system calls of that request.
-unsafe impl Send for IoVecs {}
+unsafe impl<T> Send for IoVecs<T> {}
 
-impl IoVecs {
+impl<T: AsMut<[libc::iovec]>> IoVecs<T> {
     /// Where the entries from `first` start and how many one call takes.
-    fn chunk(&self, first: usize) -> (*const libc::iovec, usize) {
-        let rest = &self.0[first..];
+    fn chunk(&mut self, first: usize) -> (*const libc::iovec, usize) {
+        let rest = &self.0.as_mut()[first..];
         (rest.as_ptr(), rest.len().min(IOV_MAX))
     }
 }
@@ -51,19 +51,9 @@ fn advance(iovs: &mut [libc::iovec], first: &mut usize, mut n: usize) {
 
 /// Which way a vector moves.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Dir {
+pub(super) enum Dir {
     Read,
     Write,
-}
-
-fn errno_result(r: isize) -> isize {
-    if r < 0 {
-        -(std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO) as isize)
-    } else {
-        r
-    }
 }
 
 impl FileNode {
@@ -108,16 +98,17 @@ impl FileNode {
 
     async fn preadv_part(&self, offset: u64, bufs: &mut [&mut [u8]], inline: bool) -> Result<()> {
         let total = iov::len_mut(bufs);
-        let iovs = IoVecs(
-            bufs.iter_mut()
-                .filter(|b| !b.is_empty())
-                .map(|b| libc::iovec {
-                    iov_base: b.as_mut_ptr().cast(),
-                    iov_len: b.len(),
-                })
-                .collect(),
-        );
-        let done = self.transfer(offset, iovs, Dir::Read, inline).await?;
+        let iovs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .filter(|b| !b.is_empty())
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let done = self
+            .transfer(offset, IoVecs(iovs), Dir::Read, inline)
+            .await?;
         if done < total {
             // Past the end of the file: reads as zeroes, as QEMU pads short reads.
             iov::fill(&mut iov::sub_mut(bufs, done, total - done), 0);
@@ -168,16 +159,16 @@ impl FileNode {
     }
 
     async fn pwritev_part(&self, offset: u64, bufs: &[&[u8]], inline: bool) -> Result<()> {
-        let iovs = IoVecs(
-            bufs.iter()
-                .filter(|b| !b.is_empty())
-                .map(|b| libc::iovec {
-                    iov_base: b.as_ptr() as *mut libc::c_void,
-                    iov_len: b.len(),
-                })
-                .collect(),
-        );
-        self.transfer(offset, iovs, Dir::Write, inline).await?;
+        let iovs: Vec<libc::iovec> = bufs
+            .iter()
+            .filter(|b| !b.is_empty())
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        self.transfer(offset, IoVecs(iovs), Dir::Write, inline)
+            .await?;
         Ok(())
     }
 
@@ -185,23 +176,23 @@ impl FileNode {
     /// can serve it, otherwise through the engine; resumes after short transfers and
     /// EINTR. Returns the bytes moved, short only for a read that reaches the end of the
     /// file (a write that moves nothing is an I/O error).
-    async fn transfer(
+    pub(super) async fn transfer(
         &self,
         offset: u64,
-        mut iovs: IoVecs,
+        mut iovs: IoVecs<impl AsMut<[libc::iovec]>>,
         dir: Dir,
         mut inline: bool,
     ) -> Result<usize> {
         let mut first = 0;
         let mut done = 0usize;
-        while first < iovs.0.len() {
+        while first < iovs.0.as_mut().len() {
             let (ptr, cnt) = iovs.chunk(first);
             let pos = offset + done as u64;
             let mut n = -libc::EAGAIN as isize;
             if inline {
                 // SAFETY: the iovecs describe live buffers of the request, exclusively
                 // borrowed for a read; a write only reads through them.
-                n = errno_result(unsafe {
+                n = engine::errno_result(unsafe {
                     match dir {
                         Dir::Read => libc::preadv2(
                             self.fd(),
@@ -256,7 +247,7 @@ impl FileNode {
                     Dir::Write => return Err(Error::errno(libc::EIO)),
                 }
             }
-            advance(&mut iovs.0, &mut first, n as usize);
+            advance(iovs.0.as_mut(), &mut first, n as usize);
             done += n as usize;
         }
         Ok(done)
