@@ -2,7 +2,8 @@
 # vm-boot.sh - rqemu-system-x86_64 against qemu-system-x86_64, side by side on the same
 # kernel, initramfs and images, in one run: time from process start to the guest's init,
 # the VMM's peak RSS, and in-guest O_DIRECT read throughput on a virtio disk (sequential
-# 1 MiB and random 4 KiB, 4 threads) for raw and qcow2 images with cache=none,aio=native.
+# 1 MiB and random 4 KiB, 4 threads) for raw and qcow2 images with cache=none, once with
+# aio=native and once with the default aio (threads): two read-only disks on one image.
 #
 #   bench/vm-boot.sh          # builds rqemu, then runs on KVM, or nested (tests/vm/nested.sh)
 #   RUNS=3 SECS=5 bench/vm-boot.sh
@@ -19,7 +20,8 @@ SECS=${SECS:-5}
 median() { grep -v NA | sort -g | awk '{a[NR]=$1} END {print (NR ? a[int((NR+1)/2)] : "NA")}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "NA" || b == "NA" || b == 0) print "NA"; else printf "%.2f", a / b }'; }
 mib() { awk -v x="$1" 'BEGIN { if (x == "NA") print x; else printf "%.1f", x / 1024 }'; }
-# report RESULTS: medians of lines "FORMAT RUN VMM init_ms rss_kib seq_mibs rand_iops"
+# report RESULTS: medians of lines
+# "FORMAT RUN VMM init_ms rss_kib seq_mibs rand_iops seq_mibs_threads rand_iops_threads"
 # (VMM "rq" or "qemu"; FORMAT "cold" for rqemu's first boot of the kernel).
 report() {
     local r=$1 fmt m c a b n
@@ -27,13 +29,14 @@ report() {
     a=$(awk '$1 == "cold" {print $4, $5}' "$r")
     [ -n "$a" ] && echo "rqemu, first boot of the kernel (not yet unpacked): boot to init ${a%% *} ms, peak RSS $(mib "${a#* }") MiB"
     n=$(awk '$1 != "cold"' "$r" | wc -l)
-    printf '\n%-34s %14s %14s %10s\n' "median of $RUNS runs ($n boots)" rqemu qemu rqemu/qemu
+    printf '\n%-40s %14s %14s %10s\n' "median of $RUNS runs ($n boots)" rqemu qemu rqemu/qemu
     for fmt in raw qcow2; do
-        for m in "1 boot to init (ms)" "2 peak RSS (MiB)" "3 seq read 1M (MiB/s)" "4 rand read 4K (IOPS)"; do
+        for m in "1 boot to init (ms)" "2 peak RSS (MiB)" "3 seq read 1M, native (MiB/s)" \
+            "4 rand read 4K, native (IOPS)" "5 seq read 1M, threads (MiB/s)" "6 rand read 4K, threads (IOPS)"; do
             c=${m%% *}
             a=$(col $fmt rq "$c"); b=$(col $fmt qemu "$c")
             if [ "$c" = 2 ]; then a=$(mib "$a"); b=$(mib "$b"); fi
-            printf '%-34s %14s %14s %10s\n' "$fmt: ${m#* }" "$a" "$b" "$(ratio "$a" "$b")"
+            printf '%-40s %14s %14s %10s\n' "$fmt: ${m#* }" "$a" "$b" "$(ratio "$a" "$b")"
         done
     done
 }
@@ -50,6 +53,9 @@ wait_dev vda
 s=$(sed -n 's/.*rqemu\.secs=\([0-9]*\).*/\1/p' /proc/cmdline)
 echo "RQ: seq $(/bin/vm-guest-io /dev/vda seq $s 4)"
 echo "RQ: rand $(/bin/vm-guest-io /dev/vda rand $s 4)"
+wait_dev vdb
+echo "RQ: seq2 $(/bin/vm-guest-io /dev/vdb seq $s 4)"
+echo "RQ: rand2 $(/bin/vm-guest-io /dev/vdb rand $s 4)"
 G
     tests/vm/build-guest.sh "$W/guest.cpio.gz" "$W/extra"
     # Each finished run appends a line to $W/results, which the inner part skips when it
@@ -94,7 +100,8 @@ qemu-img convert -O qcow2 "$S/d.raw" "$S/d.qcow2"
 echo "kernel $(basename "$KERNEL"), $(nproc) CPUs$([ -n "${RQEMU_NESTED:-}" ] && echo ', nested KVM under QEMU TCG')"
 echo "qemu: $(qemu-system-x86_64 --version | head -n 1)"
 
-# run VMM FORMAT: prints "init_ms rss_kib seq_mibs rand_iops"
+# run VMM FORMAT: prints "init_ms rss_kib seq_mibs rand_iops seq_mibs_threads rand_iops_threads"
+# (vda has aio=native, vdb the default aio, threads; both read-only on the same image)
 run() {
     local vmm=$1 fmt=$2 log=$S/log
     local t0 pid init_ms=""
@@ -104,7 +111,8 @@ run() {
         "$vmm" -enable-kvm -M q35 -cpu host -smp 2 -m 512 -nodefaults -display none -serial stdio -no-reboot \
         -kernel "$KERNEL" -initrd "$INITRD" \
         -append "console=ttyS0 quiet loglevel=1 panic=-1 rqemu.test=bench rqemu.secs=$SECS" \
-        -drive file="$S/d.$fmt",format=$fmt,if=virtio,cache=none,aio=native </dev/null > "$log" 2>&1 &
+        -drive file="$S/d.$fmt",format=$fmt,if=virtio,cache=none,aio=native,readonly=on \
+        -drive file="$S/d.$fmt",format=$fmt,if=virtio,cache=none,readonly=on </dev/null > "$log" 2>&1 &
     pid=$!
     while kill -0 $pid 2>/dev/null; do
         if [ -z "$init_ms" ] && grep -q 'RQ: init' "$log"; then
@@ -113,11 +121,13 @@ run() {
         sleep 0.05
     done
     wait $pid || true
-    local seq rand rss
+    local rss seq rand seq2 rand2
     seq=$(tr -d '\r' < "$log" | sed -n 's/^RQ: seq \([0-9.]*\) .*/\1/p')
     rand=$(tr -d '\r' < "$log" | sed -n 's/^RQ: rand [0-9.]* \([0-9]*\)/\1/p')
+    seq2=$(tr -d '\r' < "$log" | sed -n 's/^RQ: seq2 \([0-9.]*\) .*/\1/p')
+    rand2=$(tr -d '\r' < "$log" | sed -n 's/^RQ: rand2 [0-9.]* \([0-9]*\)/\1/p')
     rss=$(tail -n 1 "$S/rss")
-    echo "${init_ms:-NA} ${rss:-NA} ${seq:-NA} ${rand:-NA}"
+    echo "${init_ms:-NA} ${rss:-NA} ${seq:-NA} ${rand:-NA} ${seq2:-NA} ${rand2:-NA}"
 }
 
 # rqemu keeps the kernels it unpacks (arch/unpack/cache.rs): the first boot of a kernel
