@@ -9,9 +9,9 @@
 # between. Timed, interleaved, median of RUNS: qemu-img convert raw -> qcow2 of the
 # whole source, and copies of its data alone (SIZE_MB/2 MiB, packed into one file first)
 # to a new tmpfs file by bench/copy-floor.c with 1 and 2 threads, as pread/pwrite pairs,
-# as memcpy between two mappings, and as pread into a mapping; and reads of it alone. A convert at 1.5x
-# qemu-img's throughput would have to finish in 1/1.5 of qemu-img's time, data copy
-# included. Scratch files live on /dev/shm.
+# as memcpy between two mappings, and as pread into a mapping; and reads of that data
+# alone. A convert at 1.5x qemu-img's throughput would have to finish in 1/1.5 of
+# qemu-img's time, data copy included. Scratch files live on /dev/shm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-5}
@@ -48,5 +48,7 @@ q=$(echo "${T[convert]}" | med)
 printf '%-52s %8.3f s\n' "qemu-img convert -O qcow2, ${SIZE_MB} MiB (half data)" "$q"
 printf '%-52s %8.3f s\n' "  1.5x its throughput would take" "$(echo "$q / 1.5" | bc -l)"
 for c in rw1 rw2 mmap1 mmap2 fill1 fill2 read1 read2; do
-    printf '%-52s %8.3f s\n' "copy ${data_mb} MiB: ${c%?}, ${c: -1} thread(s)" "$(echo "${T[$c]}" | med)"
+    what="copy ${data_mb} MiB: ${c%?}"
+    [ "${c%?}" = read ] && what="read ${data_mb} MiB"
+    printf '%-52s %8.3f s\n' "$what, ${c: -1} thread(s)" "$(echo "${T[$c]}" | med)"
 done
