@@ -54,6 +54,11 @@ fn refusals_name_the_option() {
          "rqemu-system-x86_64: -rtc base=2006-13-01: invalid datetime format"),
         (&["-kernel", "k", "-drive", "if=none,file=a,id=d", "-device", "virtio-blk-pci,drive=x"],
          "rqemu-system-x86_64: -device virtio-blk-pci,drive=x: Property 'virtio-blk-pci.drive' can't find value 'x'\n"),
+        (&["-kernel", "k", "-drive", "file=x.img,if=virtio,index=1,unit=0"],
+         "rqemu-system-x86_64: -drive file=x.img,if=virtio,index=1,unit=0: index cannot be used with bus and unit\n"),
+        (&["-kernel", "k", "-drive", "file=/dev/null,format=raw,if=virtio,index=3",
+           "-drive", "file=/dev/null,format=raw,if=virtio,index=3"],
+         "rqemu-system-x86_64: -drive file=/dev/null,format=raw,if=virtio,index=3: drive with bus=0, unit=3 (index=3) exists\n"),
         (&["-kernel", "k", "-drive", "file=/nonexistent/disk.qcow2,if=virtio"],
          "rqemu-system-x86_64: -drive file=/nonexistent/disk.qcow2,if=virtio: Could not open '/nonexistent/disk.qcow2': No such file or directory\n"),
     ];

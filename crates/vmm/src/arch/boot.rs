@@ -4,6 +4,7 @@
 //! (plus, for PVH, the `hvm_start_info` of [`super::pvh`]).
 
 use std::fs::File;
+use std::io::Seek;
 use std::path::Path;
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
@@ -60,8 +61,10 @@ pub fn load_linux(
     rsdp: u64,
 ) -> Result<LoadedKernel> {
     let low_end = mem_size.min(MEM_32BIT_GAP_START);
-    File::open(kernel)
-        .map_err(|e| Error::Boot(format!("could not load kernel '{}': {e}", kernel.display())))?;
+    let kerr = |e: std::io::Error| {
+        Error::Boot(format!("could not load kernel '{}': {e}", kernel.display()))
+    };
+    let mut file = File::open(kernel).map_err(kerr)?;
     let initrd = initrd
         .map(|path| {
             std::fs::read(path).map(|data| (path, data)).map_err(|e| {
@@ -72,7 +75,7 @@ pub fn load_linux(
     let initrd = initrd.as_ref().map(|(p, d)| (*p, d.as_slice()));
     let kaslr = !cmdline.split_ascii_whitespace().any(|w| w == "nokaslr");
     let mut unpacked = None;
-    if let Some(u) = Unpacking::open(kernel) {
+    if let Some(u) = Unpacking::open(&file) {
         let header = u.header;
         let min = u.default_phys() + u.size();
         // (Where that leaves no room, the bzImage is loaded as it is.)
@@ -96,7 +99,7 @@ pub fn load_linux(
     let (k, loaded_initrd) = match unpacked {
         Some(done) => done,
         None => {
-            let k = load_image(mem, kernel)?;
+            let k = load_image(mem, kernel, &mut file)?;
             let placed = place_initrd(mem, initrd, k.header.as_ref(), low_end, k.end)?;
             (k, placed)
         }
@@ -157,13 +160,14 @@ pub fn load_linux(
     Ok(LoadedKernel { entry, pvh })
 }
 
-/// Loads a kernel as it is: a bzImage (which decompresses itself), or an ELF vmlinux.
-fn load_image(mem: &GuestMemoryMmap, kernel: &Path) -> Result<Kernel> {
+/// Loads the kernel file `file` (named `kernel`) as it is: a bzImage (which
+/// decompresses itself), or an ELF vmlinux.
+fn load_image(mem: &GuestMemoryMmap, kernel: &Path, file: &mut File) -> Result<Kernel> {
     let kerr = |e: std::io::Error| {
         Error::Boot(format!("could not load kernel '{}': {e}", kernel.display()))
     };
-    let mut file = File::open(kernel).map_err(kerr)?;
-    match BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
+    file.rewind().map_err(kerr)?;
+    match BzImage::load(mem, None, file, Some(GuestAddress(HIMEM_START))) {
         Ok(r) => Ok(Kernel {
             entry: r.kernel_load.0 + 0x200,
             header: r.setup_header,
@@ -172,14 +176,13 @@ fn load_image(mem: &GuestMemoryMmap, kernel: &Path) -> Result<Kernel> {
             kaslr: false,
         }),
         Err(bz_err) => {
-            let mut file = File::open(kernel).map_err(kerr)?;
-            let r =
-                Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|_| {
-                    Error::Boot(format!(
-                        "could not load kernel '{}': {bz_err}",
-                        kernel.display()
-                    ))
-                })?;
+            file.rewind().map_err(kerr)?;
+            let r = Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(|_| {
+                Error::Boot(format!(
+                    "could not load kernel '{}': {bz_err}",
+                    kernel.display()
+                ))
+            })?;
             let (entry, pvh) = match r.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(at) => (at.0, true),
                 _ => (r.kernel_load.0, false),

@@ -253,10 +253,16 @@ pub fn parse_drive(arg: &str, auto_index: usize, snapshot: bool) -> Result<Drive
         )));
     }
     open.options = passthrough;
+    // Virtio (and if=none) drives have no units per bus in QEMU: a drive's position is
+    // its unit, whatever its bus; without one it takes the next free position.
     let index = match (index, bus, unit) {
-        (Some(i), _, _) => Some(i),
-        (None, None, None) => None,
-        (None, b, u) => Some(b.unwrap_or(0) * 2 + u.unwrap_or(0)),
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            return Err(Error::usage(format!(
+                "{opt}: index cannot be used with bus and unit"
+            )))
+        }
+        (Some(i), None, None) => Some(i),
+        (None, _, u) => u,
     };
     let id = id.unwrap_or_else(|| {
         let n = index.map(|i| i as usize).unwrap_or(auto_index);

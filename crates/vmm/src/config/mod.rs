@@ -630,6 +630,18 @@ pub fn parse_args(args: &[String]) -> Result<Parsed> {
     for (n, (arg, _)) in raw_drives.iter().enumerate() {
         cfg.drives.push(drive::parse_drive(arg, n, snapshot)?);
     }
+    // A drive's position is checked before its ID, as in QEMU.
+    let mut seen_index = std::collections::HashSet::new();
+    for d in &cfg.drives {
+        if let Some(i) = d.index {
+            if !seen_index.insert(i) {
+                return Err(Error::usage(format!(
+                    "{}: drive with bus=0, unit={} (index={}) exists",
+                    d.opt, i, i
+                )));
+            }
+        }
+    }
     let mut seen = std::collections::HashSet::new();
     for d in &cfg.drives {
         if !seen.insert(d.id.clone()) {
@@ -637,19 +649,6 @@ pub fn parse_args(args: &[String]) -> Result<Parsed> {
                 "{}: Duplicate ID '{}' for drive",
                 d.opt, d.id
             )));
-        }
-    }
-    let mut seen_index = std::collections::HashSet::new();
-    for d in &cfg.drives {
-        if let Some(i) = d.index {
-            if !seen_index.insert(i) {
-                return Err(Error::usage(format!(
-                    "{}: drive with bus=0, unit={} (index={}) exists",
-                    d.opt,
-                    i % 2,
-                    i
-                )));
-            }
         }
     }
     for dev in &cfg.blk_devices {
@@ -754,6 +753,69 @@ mod tests {
         assert_eq!(c.drives[0].open.filename, "disk.img");
         assert_eq!(c.drives[1].index, Some(1));
         assert_eq!(c.serials, vec![SerialBackend::Null]);
+    }
+
+    /// The remaining options of the manuals' -drive and machine lines, as QEMU takes them.
+    #[test]
+    fn drive_and_machine_options() {
+        let c = cfg(
+            "-kernel bz -m 256M -smp 2,maxcpus=4 -cdrom cd.iso -hda a.img \
+            -drive file=b.img,if=virtio,index=3,addr=0x9,detect-zeroes=on,throttling.iops-total=50 \
+            -drive file=c.img,if=virtio,bus=1,unit=1,media=cdrom \
+            -serial file:/tmp/ttyS0.log -serial null -display none -vga none -name vm1 \
+            -rtc base=localtime,clock=rt -no-reboot",
+        );
+        assert_eq!(c.mem_size, 256 << 20);
+        assert_eq!((c.smp.cpus, c.smp.maxcpus), (2, 4));
+        let cd = c
+            .drives
+            .iter()
+            .find(|d| d.open.filename == "cd.iso")
+            .unwrap();
+        assert!(cd.cdrom && cd.open.read_only);
+        assert_eq!(
+            c.drives
+                .iter()
+                .find(|d| d.open.filename == "a.img")
+                .unwrap()
+                .index,
+            Some(0)
+        );
+        let b = c
+            .drives
+            .iter()
+            .find(|d| d.open.filename == "b.img")
+            .unwrap();
+        assert_eq!((b.index, b.addr), (Some(3), Some(9)));
+        assert_eq!(b.open.detect_zeroes, rqemu_block::options::DetectZeroes::On);
+        assert_eq!(b.throttle.iops_total, 50);
+        let m = c
+            .drives
+            .iter()
+            .find(|d| d.open.filename == "c.img")
+            .unwrap();
+        assert_eq!((m.id.as_str(), m.index), ("virtio1", Some(1)));
+        assert!(m.cdrom && m.open.read_only);
+        // As QEMU says it.
+        let e = |s: &str| parse_args(&args(s)).unwrap_err().to_string();
+        assert_eq!(
+            e("-kernel bz -drive file=x,if=virtio,index=1,unit=0"),
+            "-drive file=x,if=virtio,index=1,unit=0: index cannot be used with bus and unit"
+        );
+        assert_eq!(
+            e("-kernel bz -drive file=x,if=virtio,index=3 -drive file=y,if=virtio,index=3"),
+            "-drive file=y,if=virtio,index=3: drive with bus=0, unit=3 (index=3) exists"
+        );
+        assert_eq!(
+            c.serials,
+            vec![
+                SerialBackend::File("/tmp/ttyS0.log".into()),
+                SerialBackend::Null
+            ]
+        );
+        assert_eq!(c.name.as_deref(), Some("vm1"));
+        assert_eq!(c.rtc.base, RtcBase::LocalTime);
+        assert!(c.no_reboot);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::options::{AioMode, CacheMode};
 use crate::perm::PermRequest;
 
 use engine::{Engine, IoFuture, Op};
-use vectored::{Dir, IoVecs};
+use vectored::{iovec, Dir, IoVecs};
 
 /// How to open a file node.
 #[derive(Debug, Clone)]
@@ -241,10 +241,7 @@ impl FileNode {
     }
 
     async fn pread_part(&self, offset: u64, buf: &mut [u8], inline: bool) -> Result<()> {
-        let iov = IoVecs([libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }]);
+        let iov = IoVecs([iovec(buf.as_mut_ptr(), buf.len())]);
         let done = self.transfer(offset, iov, Dir::Read, inline).await?;
         // Past the end of the file: reads as zeroes, as QEMU pads short reads.
         buf[done..].fill(0);
@@ -261,10 +258,7 @@ impl FileNode {
     }
 
     async fn pwrite_part(&self, offset: u64, buf: &[u8], inline: bool) -> Result<()> {
-        let iov = IoVecs([libc::iovec {
-            iov_base: buf.as_ptr() as *mut libc::c_void,
-            iov_len: buf.len(),
-        }]);
+        let iov = IoVecs([iovec(buf.as_ptr().cast_mut(), buf.len())]);
         self.transfer(offset, iov, Dir::Write, inline).await?;
         Ok(())
     }

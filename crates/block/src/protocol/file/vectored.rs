@@ -49,6 +49,14 @@ fn advance(iovs: &mut [libc::iovec], first: &mut usize, mut n: usize) {
     }
 }
 
+/// The iovec entry of one buffer (written through by reads only).
+pub(super) fn iovec(base: *mut u8, len: usize) -> libc::iovec {
+    libc::iovec {
+        iov_base: base.cast(),
+        iov_len: len,
+    }
+}
+
 /// Which way a vector moves.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Dir {
@@ -101,10 +109,7 @@ impl FileNode {
         let iovs: Vec<libc::iovec> = bufs
             .iter_mut()
             .filter(|b| !b.is_empty())
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            })
+            .map(|b| iovec(b.as_mut_ptr(), b.len()))
             .collect();
         let done = self
             .transfer(offset, IoVecs(iovs), Dir::Read, inline)
@@ -162,10 +167,7 @@ impl FileNode {
         let iovs: Vec<libc::iovec> = bufs
             .iter()
             .filter(|b| !b.is_empty())
-            .map(|b| libc::iovec {
-                iov_base: b.as_ptr() as *mut libc::c_void,
-                iov_len: b.len(),
-            })
+            .map(|b| iovec(b.as_ptr().cast_mut(), b.len()))
             .collect();
         self.transfer(offset, IoVecs(iovs), Dir::Write, inline)
             .await?;

@@ -15,6 +15,8 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use rqemu_block::backend::is_zero;
+
 use super::stream::PAGE;
 
 /// Entries kept.
@@ -115,7 +117,7 @@ impl Entry {
             let off = pos + at as u64;
             let n = (PAGE - (off % PAGE as u64) as usize).min(data.len() - at);
             let piece = &data[at..at + n];
-            if piece.iter().any(|b| *b != 0) {
+            if !is_zero(piece) {
                 self.file.write_all_at(piece, off)?;
             }
             at += n;

@@ -26,7 +26,6 @@
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
-use std::path::Path;
 
 use linux_loader::loader::bootparam::setup_header;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
@@ -104,17 +103,17 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 }
 
 impl Unpacking {
-    /// Opens `path` as a bzImage this module can unpack; `None` if it is not one. The
-    /// user's kernel cache ([`cache`]) is used when there is one.
-    pub fn open(path: &Path) -> Option<Unpacking> {
-        Self::open_cached(path, Cache::from_env().as_ref())
+    /// Takes the open kernel file `file` as a bzImage this module can unpack; `None` if
+    /// it is not one. The user's kernel cache ([`cache`]) is used when there is one.
+    /// (The file's position is left anywhere.)
+    pub fn open(file: &File) -> Option<Unpacking> {
+        Self::open_cached(file, Cache::from_env().as_ref())
     }
 
     /// As [`Unpacking::open`], with the kernel cache `cache`.
-    pub fn open_cached(path: &Path, cache: Option<&Cache>) -> Option<Unpacking> {
-        let file = File::open(path).ok()?;
+    pub fn open_cached(file: &File, cache: Option<&Cache>) -> Option<Unpacking> {
         let key = cache::key(&file.metadata().ok()?);
-        Self::from_parts(file, cache.map(|c| (c, key.as_str())))
+        Self::from_parts(file.try_clone().ok()?, cache.map(|c| (c, key.as_str())))
     }
 
     /// As [`Unpacking::open`], from any seekable source of the image's bytes (no cache).
@@ -313,23 +312,22 @@ impl Unpacking {
     /// Applies the relocation table (read backwards from its end: 32-bit entries, a
     /// zero, inverse 32-bit entries, a zero, 64-bit entries, a zero; each the kernel
     /// virtual address of a place to adjust, sign-extended from 32 bits) for a virtual
-    /// shift of `delta`, to the kernel at `phys`.
+    /// shift of `delta`, to the kernel at `phys`, as the kernel's decompressor walks it.
+    /// `None` for an entry outside the kernel or a table without its three ends (the
+    /// caller then leaves the bzImage to decompress itself).
     fn relocate(&self, mem: &GuestMemoryMmap, phys: u64, table: &[u8], delta: u64) -> Option<()> {
         if !table.len().is_multiple_of(4) {
             return None;
         }
-        let words: Vec<i32> = table
-            .chunks_exact(4)
-            .map(|w| i32::from_le_bytes([w[0], w[1], w[2], w[3]]))
-            .collect();
-        let mut lists: [Vec<u64>; 3] = Default::default();
-        let mut i = words.len();
         let base = self.kernel_map.wrapping_add(self.load_phys);
-        for (k, list) in lists.iter_mut().enumerate() {
-            let width = if k == 2 { 8 } else { 4 };
+        let mut words = table
+            .chunks_exact(4)
+            .rev()
+            .map(|w| i32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+        for kind in 0..3 {
+            let width = if kind == 2 { 8 } else { 4 };
             loop {
-                i = i.checked_sub(1)?;
-                let w = words[i];
+                let w = words.next()?;
                 if w == 0 {
                     break;
                 }
@@ -337,24 +335,22 @@ impl Unpacking {
                 if off.checked_add(width)? > self.footprint {
                     return None;
                 }
-                list.push(off);
+                let at = GuestAddress(phys + off);
+                match kind {
+                    0 => {
+                        let v: u32 = mem.read_obj(at).ok()?;
+                        mem.write_obj(v.wrapping_add(delta as u32), at).ok()?;
+                    }
+                    1 => {
+                        let v: u32 = mem.read_obj(at).ok()?;
+                        mem.write_obj(v.wrapping_sub(delta as u32), at).ok()?;
+                    }
+                    _ => {
+                        let v: u64 = mem.read_obj(at).ok()?;
+                        mem.write_obj(v.wrapping_add(delta), at).ok()?;
+                    }
+                }
             }
-        }
-        let [rel32, inv32, rel64] = &lists;
-        for off in rel32 {
-            let at = GuestAddress(phys + off);
-            let v: u32 = mem.read_obj(at).ok()?;
-            mem.write_obj(v.wrapping_add(delta as u32), at).ok()?;
-        }
-        for off in inv32 {
-            let at = GuestAddress(phys + off);
-            let v: u32 = mem.read_obj(at).ok()?;
-            mem.write_obj(v.wrapping_sub(delta as u32), at).ok()?;
-        }
-        for off in rel64 {
-            let at = GuestAddress(phys + off);
-            let v: u64 = mem.read_obj(at).ok()?;
-            mem.write_obj(v.wrapping_add(delta), at).ok()?;
         }
         Some(())
     }
@@ -385,6 +381,7 @@ fn random() -> u64 {
 #[cfg(test)]
 mod tests {
     use std::io::Write;
+    use std::path::Path;
 
     use super::*;
 
@@ -462,6 +459,10 @@ mod tests {
         }
     }
 
+    fn open(path: &Path) -> File {
+        File::open(path).unwrap()
+    }
+
     fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap()
     }
@@ -470,8 +471,8 @@ mod tests {
     fn unpacks_in_place_without_kaslr() {
         let dir = Scratch::new("unpack");
         let mem = memory();
-        let u =
-            Unpacking::open_cached(&bzimage(&dir, false), None).expect("a bzImage it can unpack");
+        let u = Unpacking::open_cached(&open(&bzimage(&dir, false)), None)
+            .expect("a bzImage it can unpack");
         assert_eq!((u.default_phys(), u.size()), (TEXT_P, 0x4000));
         let p = u.load(&mem, 64 << 20, false).unwrap();
         assert_eq!((p.entry, p.end, p.kaslr), (TEXT_P, TEXT_P + 0x3000, false));
@@ -487,7 +488,7 @@ mod tests {
         // Every placement lands 2 MiB-aligned inside the limit, with every kind of
         // relocation adjusted by the same virtual shift.
         for _ in 0..8 {
-            let u = Unpacking::open_cached(&path, None).unwrap();
+            let u = Unpacking::open_cached(&open(&path), None).unwrap();
             let p = u.load(&mem, 64 << 20, true).unwrap();
             assert!(p.kaslr);
             let phys = p.entry;
@@ -510,16 +511,16 @@ mod tests {
         // An unknown compressor.
         image[1024] ^= 0xff;
         std::fs::write(&path, &image).unwrap();
-        assert!(Unpacking::open_cached(&path, None).is_none());
+        assert!(Unpacking::open_cached(&open(&path), None).is_none());
         image[1024] ^= 0xff;
         std::fs::write(&path, &image).unwrap();
-        assert!(Unpacking::open_cached(&path, None).is_some());
+        assert!(Unpacking::open_cached(&open(&path), None).is_some());
         // A relocation outside the kernel: the stream is refused once it is read.
         let bad = bzimage(&dir, true);
-        let u = Unpacking::open_cached(&bad, None).unwrap();
+        let u = Unpacking::open_cached(&open(&bad), None).unwrap();
         assert!(u.load(&memory(), 64 << 20, true).is_none());
         std::fs::write(&path, b"not a kernel").unwrap();
-        assert!(Unpacking::open_cached(&path, None).is_none());
+        assert!(Unpacking::open_cached(&open(&path), None).is_none());
     }
 
     /// The first boot records the decompressed stream, the next reads it back: the same
@@ -535,7 +536,7 @@ mod tests {
                 .unwrap_or_default()
         };
         let cold = memory();
-        let u = Unpacking::open_cached(&path, Some(&cache)).unwrap();
+        let u = Unpacking::open_cached(&open(&path), Some(&cache)).unwrap();
         assert!(u.stream.is_recorded());
         u.load(&cold, 64 << 20, false).unwrap();
         let names = entries();
@@ -543,7 +544,7 @@ mod tests {
         assert!(names[0].to_string_lossy().ends_with(".kernel"));
         // The entry is the decompressed stream; the decompressor is not needed again.
         let warm = memory();
-        let u = Unpacking::open_cached(&path, Some(&cache)).unwrap();
+        let u = Unpacking::open_cached(&open(&path), Some(&cache)).unwrap();
         assert!(!u.stream.is_recorded());
         u.load(&warm, 64 << 20, false).unwrap();
         let (mut a, mut b) = (vec![0u8; 0x4000], vec![0u8; 0x4000]);
@@ -557,7 +558,7 @@ mod tests {
         // A stream refused half-way leaves nothing behind.
         std::fs::remove_dir_all(dir.join("kernels")).unwrap();
         let bad = bzimage(&dir, true);
-        let u = Unpacking::open_cached(&bad, Some(&cache)).unwrap();
+        let u = Unpacking::open_cached(&open(&bad), Some(&cache)).unwrap();
         assert!(u.load(&memory(), 64 << 20, true).is_none());
         assert!(entries().is_empty());
     }
@@ -589,7 +590,10 @@ mod tests {
         }) else {
             return;
         };
-        let Some(u) = Unpacking::open_cached(&k, None) else {
+        let Ok(file) = File::open(&k) else {
+            return;
+        };
+        let Some(u) = Unpacking::open_cached(&file, None) else {
             return;
         };
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 512 << 20)]).unwrap();

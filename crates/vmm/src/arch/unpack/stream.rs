@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, Read};
 
+use rqemu_block::backend::is_zero;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::cache::Entry;
@@ -100,7 +101,7 @@ impl Stream {
             self.read_exact(&mut buf[..n])?;
             let mut at = 0;
             for page in buf[..n].chunks(PAGE) {
-                if page.iter().any(|b| *b != 0) {
+                if !is_zero(page) {
                     mem.write_slice(page, GuestAddress(addr + done + at)).ok()?;
                 }
                 at += page.len() as u64;
