@@ -6,7 +6,7 @@
 use futures::stream::{self, StreamExt};
 use rqemu_block::format::qcow2::Qcow2;
 use rqemu_block::node::NodeRef;
-use rqemu_block::status::block_status;
+use rqemu_block::status::{block_status, is_zero};
 use rqemu_block::{BlockBackend, CacheMode, OpenOptions};
 use rqemu_cli::getopt::{HasArg, LongOpt};
 
@@ -295,6 +295,8 @@ async fn new_backing(ctx: &Ctx, top: &NodeRef, name: &str, o: &Opts) -> Option<N
 struct Stretch {
     offset: u64,
     len: u64,
+    /// Both backing files read as zeroes here (by their metadata): nothing to compare.
+    zero: bool,
 }
 
 /// Copies into the image what reads differently through the new backing file.
@@ -355,7 +357,15 @@ async fn copy_differences(
         let start = offset / write_align * write_align;
         let end = (offset + n).div_ceil(write_align) * write_align;
         let len = end.min(size) - start;
-        stretches.push(Stretch { offset: start, len });
+        let zero = reads_as_zero(old, start, len).await.map_err(meta_err)?
+            && reads_as_zero(new_node.as_ref(), start, len)
+                .await
+                .map_err(meta_err)?;
+        stretches.push(Stretch {
+            offset: start,
+            len,
+            zero,
+        });
         offset = start + len;
     }
     let comp = if o.compress { blk.compressor() } else { None };
@@ -365,6 +375,9 @@ async fn copy_differences(
         .map(|s| {
             let (old, new) = (old.cloned(), new_node.clone());
             async move {
+                if s.zero {
+                    return Ok::<_, String>((s, 0, Vec::new(), Vec::new()));
+                }
                 let n_old = s.len.min(old_size.saturating_sub(s.offset));
                 let n_new = s.len.min(new_size.saturating_sub(s.offset));
                 let mut buf_old = pool.take(s.len as usize);
@@ -393,7 +406,7 @@ async fn copy_differences(
         let (s, n_old, buf_old, buf_new) = r?;
         let mut written = 0u64;
         let mut old_eof = n_old == 0;
-        while written < s.len {
+        while written < s.len && !s.zero {
             let (differ, pnum) = compare_chunks(
                 &buf_old[written as usize..],
                 &buf_new[written as usize..],
@@ -426,6 +439,14 @@ async fn copy_differences(
         meter.print(step_progress, 100);
     }
     Ok(())
+}
+
+/// Whether `[offset, offset + len)` reads as zeroes through `node` (no node: none).
+async fn reads_as_zero(node: Option<&NodeRef>, offset: u64, len: u64) -> rqemu_block::Result<bool> {
+    match node {
+        Some(n) => is_zero(n, offset, len).await,
+        None => Ok(true),
+    }
 }
 
 /// Reads from a node of a chain (bounded by its size, zeroes past an unaligned end).
