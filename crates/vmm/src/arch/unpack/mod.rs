@@ -15,6 +15,7 @@
 //!
 //! - `stream`: the decompressed payload as a forward-only stream.
 //! - [`cache`]: decompressed payloads kept for the next boot of the same kernel file.
+//! - `map`: a cached payload's pages mapped into guest memory instead of copied.
 //!
 //! What this does not recognise (an older boot protocol, another compressor, an ELF laid
 //! out otherwise, a malformed relocation table) is left to [`super::boot`], which loads
@@ -31,10 +32,11 @@ use linux_loader::loader::bootparam::setup_header;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 pub mod cache;
+mod map;
 mod stream;
 
 use cache::Cache;
-use stream::Stream;
+use stream::{Stream, PAGE};
 
 /// Offset of the setup header in a bzImage.
 const SETUP_HEADER_OFFSET: usize = 0x1f1;
@@ -160,11 +162,7 @@ impl Unpacking {
         file.read_exact(&mut magic).ok()?;
         file.seek(SeekFrom::Start(payload)).ok()?;
         if let Some(hit) = cache.and_then(|(c, key)| c.lookup(key, total)) {
-            let cached = Stream::new(
-                Box::new(BufReader::with_capacity(1 << 16, hit)),
-                total,
-                None,
-            );
+            let cached = Stream::cached(hit, total);
             if let Some(u) = Self::read_elf(header, cached) {
                 return Some(u);
             }
@@ -320,6 +318,7 @@ impl Unpacking {
             return None;
         }
         let base = self.kernel_map.wrapping_add(self.load_phys);
+        let mut touched = u64::MAX;
         let mut words = table
             .chunks_exact(4)
             .rev()
@@ -336,6 +335,11 @@ impl Unpacking {
                     return None;
                 }
                 let at = GuestAddress(phys + off);
+                let page = at.0 / PAGE as u64;
+                if page != touched {
+                    touched = page;
+                    map::prefault_write(mem, at.0);
+                }
                 match kind {
                     0 => {
                         let v: u32 = mem.read_obj(at).ok()?;
@@ -601,5 +605,23 @@ mod tests {
         let p = u.load(&mem, 512 << 20, true).expect("the kernel unpacks");
         assert!(p.kaslr);
         assert!(p.end - (p.entry & !((2 << 20) - 1)) <= size);
+        // Unpacked once into the cache, then mapped from it: the same memory.
+        let dir = Scratch::new("host-kernel");
+        let cache = Cache::at(&dir.join("kernels"));
+        let load = |cold: bool| {
+            let u = Unpacking::open_cached(&file, Some(&cache)).unwrap();
+            assert_eq!(u.stream.is_recorded(), cold);
+            let start = u.default_phys();
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 256 << 20)]).unwrap();
+            let p = u.load(&mem, 256 << 20, false).expect("the kernel unpacks");
+            let mut bytes = vec![0u8; (p.end - start) as usize];
+            mem.read_slice(&mut bytes, GuestAddress(start)).unwrap();
+            // The warm load maps the entry's pages rather than copying them.
+            let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+            assert_eq!(maps.contains(".kernel"), !cold);
+            (bytes, p.entry)
+        };
+        let (cold, warm) = (load(true), load(false));
+        assert!(cold.0 == warm.0 && cold.1 == warm.1);
     }
 }

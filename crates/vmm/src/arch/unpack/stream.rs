@@ -1,13 +1,16 @@
 //! The decompressed payload as a forward-only stream: the decompressor chosen by the
-//! payload's magic bytes (or a cached copy of its output), the position counted, every
-//! byte optionally recorded into a cache entry for the next boot.
+//! payload's magic bytes (or a cached copy of its output, whose pages are mapped into
+//! guest memory rather than copied), the position counted, every byte optionally
+//! recorded into a cache entry for the next boot.
 
-use std::io::{BufRead, Read};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 
 use rqemu_block::backend::is_zero;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::cache::Entry;
+use super::map;
 
 /// Bytes copied to guest memory (or skipped) at a time.
 const CHUNK: usize = 1 << 20;
@@ -19,13 +22,21 @@ pub(super) const PAGE: usize = 4096;
 
 /// A forward-only reader of the decompressed payload.
 pub(super) struct Stream {
-    inner: Box<dyn Read>,
+    inner: Source,
     /// Bytes read so far.
     pub pos: u64,
     /// The size the payload states for itself.
     pub total: u64,
     /// Where the bytes read are also written, for the next boot.
     record: Option<Entry>,
+}
+
+/// Where the bytes come from.
+enum Source {
+    /// A decompressor's output.
+    Decoder(Box<dyn Read>),
+    /// A cache entry: skipped by seeking, its pages mapped into guest memory.
+    Cached(BufReader<File>),
 }
 
 /// The decompressor for a payload, known by its magic bytes.
@@ -47,12 +58,23 @@ pub(super) fn decoder<R: BufRead + 'static>(magic: &[u8], input: R) -> Option<Bo
 }
 
 impl Stream {
+    /// A decompressor's output of `total` bytes, recorded into `record` if given.
     pub fn new(inner: Box<dyn Read>, total: u64, record: Option<Entry>) -> Stream {
         Stream {
-            inner,
+            inner: Source::Decoder(inner),
             pos: 0,
             total,
             record,
+        }
+    }
+
+    /// A cache entry of `total` bytes.
+    pub fn cached(file: File, total: u64) -> Stream {
+        Stream {
+            inner: Source::Cached(BufReader::with_capacity(1 << 16, file)),
+            pos: 0,
+            total,
+            record: None,
         }
     }
 
@@ -64,7 +86,10 @@ impl Stream {
 
     /// Reads exactly `buf.len()` bytes (recording them).
     pub fn read_exact(&mut self, buf: &mut [u8]) -> Option<()> {
-        self.inner.read_exact(buf).ok()?;
+        match &mut self.inner {
+            Source::Decoder(r) => r.read_exact(buf).ok()?,
+            Source::Cached(r) => r.read_exact(buf).ok()?,
+        }
         if let Some(entry) = &mut self.record {
             if entry.write(self.pos, buf).is_err() {
                 // The cache is a nicety: a full disk only loses it.
@@ -81,6 +106,12 @@ impl Stream {
         if offset > self.total {
             return None;
         }
+        if let Source::Cached(r) = &mut self.inner {
+            // Absolute: mapping moves the file's position (SEEK_DATA).
+            r.seek(SeekFrom::Start(offset)).ok()?;
+            self.pos = offset;
+            return Some(());
+        }
         let mut scratch = vec![0u8; CHUNK.min(left as usize)];
         while left > 0 {
             let n = left.min(CHUNK as u64) as usize;
@@ -90,10 +121,20 @@ impl Stream {
         Some(())
     }
 
-    /// Copies `len` bytes of the stream to guest memory at `addr`. Pages that are all
-    /// zeroes are skipped: the guest's memory is fresh, and a page the guest never
-    /// writes then never costs the host one.
+    /// Copies `len` bytes of the stream to guest memory at `addr` (fresh memory, no vCPU
+    /// running). Pages that are all zeroes are skipped: a page the guest never writes
+    /// then never costs the host one. A cache entry's pages are mapped instead
+    /// ([`map`]).
     pub fn copy_to(&mut self, mem: &GuestMemoryMmap, addr: u64, len: u64) -> Option<()> {
+        if let Source::Cached(r) = &mut self.inner {
+            if self.pos.checked_add(len)? <= self.total
+                && map::map_into(r.get_ref(), self.pos, mem, addr, len).is_some()
+            {
+                return self.skip_to(self.pos + len);
+            }
+            // Copied after all: back to where the stream is (mapping moved the file).
+            r.seek(SeekFrom::Start(self.pos)).ok()?;
+        }
         let mut buf = vec![0u8; CHUNK.min(len as usize)];
         let mut done = 0u64;
         while done < len {
