@@ -292,7 +292,7 @@ impl Unpacking {
         self.stream.skip_to(self.elf_end)?;
         let relocs = self.stream.read_rest(MAX_RELOCS)?;
         if delta != 0 && !relocs.is_empty() {
-            self.relocate(mem, phys, &relocs, delta)?;
+            self.relocate(mem, phys, &relocs, delta, self.stream.is_cached())?;
         }
         self.stream.finish();
         let entry = if self.entry >= self.kernel_map {
@@ -312,8 +312,16 @@ impl Unpacking {
     /// virtual address of a place to adjust, sign-extended from 32 bits) for a virtual
     /// shift of `delta`, to the kernel at `phys`, as the kernel's decompressor walks it.
     /// `None` for an entry outside the kernel or a table without its three ends (the
-    /// caller then leaves the bzImage to decompress itself).
-    fn relocate(&self, mem: &GuestMemoryMmap, phys: u64, table: &[u8], delta: u64) -> Option<()> {
+    /// caller then leaves the bzImage to decompress itself). `mapped`: the kernel's pages
+    /// are mapped from the kernel cache rather than written.
+    fn relocate(
+        &self,
+        mem: &GuestMemoryMmap,
+        phys: u64,
+        table: &[u8],
+        delta: u64,
+        mapped: bool,
+    ) -> Option<()> {
         if !table.len().is_multiple_of(4) {
             return None;
         }
@@ -335,10 +343,15 @@ impl Unpacking {
                     return None;
                 }
                 let at = GuestAddress(phys + off);
-                let page = at.0 / PAGE as u64;
-                if page != touched {
-                    touched = page;
-                    map::prefault_write(mem, at.0);
+                if mapped {
+                    // Written before read: see map::prefault_write.
+                    for byte in [at.0, at.0 + width - 1] {
+                        let page = byte / PAGE as u64;
+                        if page != touched {
+                            touched = page;
+                            map::prefault_write(mem, byte);
+                        }
+                    }
                 }
                 match kind {
                     0 => {
@@ -394,7 +407,12 @@ mod tests {
 
     /// A bzImage around a gzip'd ELF with one segment and a relocation table.
     fn bzimage(dir: &Path, bad_reloc: bool) -> std::path::PathBuf {
-        let mut elf = vec![0u8; 0x200];
+        bzimage_with(dir, bad_reloc, 0x100, 0x100)
+    }
+
+    /// As [`bzimage`], the segment's `filesz` bytes at `at` in the ELF.
+    fn bzimage_with(dir: &Path, bad_reloc: bool, at: usize, filesz: u64) -> std::path::PathBuf {
+        let mut elf = vec![0u8; at + filesz as usize];
         elf[..4].copy_from_slice(b"\x7fELF");
         elf[4] = 2;
         elf[5] = 1;
@@ -405,16 +423,16 @@ mod tests {
         elf[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
         let ph = &mut elf[64..120];
         ph[..4].copy_from_slice(&PT_LOAD.to_le_bytes());
-        ph[8..16].copy_from_slice(&0x100u64.to_le_bytes());
+        ph[8..16].copy_from_slice(&(at as u64).to_le_bytes());
         ph[16..24].copy_from_slice(&TEXT_V.to_le_bytes());
         ph[24..32].copy_from_slice(&TEXT_P.to_le_bytes());
-        ph[32..40].copy_from_slice(&0x100u64.to_le_bytes());
+        ph[32..40].copy_from_slice(&filesz.to_le_bytes());
         ph[40..48].copy_from_slice(&0x3000u64.to_le_bytes());
         // Segment data: a 64-bit pointer at +0x10, a 32-bit one at +0x20, an inverse
         // 32-bit one at +0x30.
-        elf[0x110..0x118].copy_from_slice(&(TEXT_V + 0x80).to_le_bytes());
-        elf[0x120..0x124].copy_from_slice(&((TEXT_V + 0x90) as u32).to_le_bytes());
-        elf[0x130..0x134].copy_from_slice(&0x1000u32.to_le_bytes());
+        elf[at + 0x10..at + 0x18].copy_from_slice(&(TEXT_V + 0x80).to_le_bytes());
+        elf[at + 0x20..at + 0x24].copy_from_slice(&((TEXT_V + 0x90) as u32).to_le_bytes());
+        elf[at + 0x30..at + 0x34].copy_from_slice(&0x1000u32.to_le_bytes());
         let rel = |off: u64| ((TEXT_V + off) as i64 as i32).to_le_bytes();
         let first = if bad_reloc { 0x10_0000 } else { 0x10 };
         for w in [[0; 4], rel(first), [0; 4], rel(0x30), [0; 4], rel(0x20)] {
@@ -495,16 +513,50 @@ mod tests {
             let u = Unpacking::open_cached(&open(&path), None).unwrap();
             let p = u.load(&mem, 64 << 20, true).unwrap();
             assert!(p.kaslr);
-            let phys = p.entry;
-            assert!(phys >= TEXT_P && phys + 0x4000 <= 64 << 20 && phys.is_multiple_of(2 << 20));
-            let v64: u64 = mem.read_obj(GuestAddress(phys + 0x10)).unwrap();
-            let v32: u32 = mem.read_obj(GuestAddress(phys + 0x20)).unwrap();
-            let inv: u32 = mem.read_obj(GuestAddress(phys + 0x30)).unwrap();
-            let delta = v64 - (TEXT_V + 0x80);
-            assert_eq!(delta % (2 << 20), 0);
-            assert_eq!(v32, ((TEXT_V + 0x90) as u32).wrapping_add(delta as u32));
-            assert_eq!(inv, 0x1000u32.wrapping_sub(delta as u32));
+            assert_relocated(&mem, p.entry);
         }
+    }
+
+    /// The test kernel placed at `phys`: 2 MiB-aligned inside 64 MiB, every kind of
+    /// relocation adjusted by the same virtual shift.
+    fn assert_relocated(mem: &GuestMemoryMmap, phys: u64) {
+        assert!(phys >= TEXT_P && phys + 0x4000 <= 64 << 20 && phys.is_multiple_of(2 << 20));
+        let v64: u64 = mem.read_obj(GuestAddress(phys + 0x10)).unwrap();
+        let v32: u32 = mem.read_obj(GuestAddress(phys + 0x20)).unwrap();
+        let inv: u32 = mem.read_obj(GuestAddress(phys + 0x30)).unwrap();
+        let delta = v64 - (TEXT_V + 0x80);
+        assert_eq!(delta % (2 << 20), 0);
+        assert_eq!(v32, ((TEXT_V + 0x90) as u32).wrapping_add(delta as u32));
+        assert_eq!(inv, 0x1000u32.wrapping_sub(delta as u32));
+    }
+
+    /// A kernel whose segment is page-aligned in the cache entry is mapped from it and
+    /// relocated in the mapping; the entry itself is not changed.
+    #[test]
+    fn kaslr_relocates_a_mapped_kernel() {
+        let dir = Scratch::new("mapped");
+        let path = bzimage_with(&dir, false, 0x1000, 0x1100);
+        let cache = Cache::at(&dir.join("kernels"));
+        let u = Unpacking::open_cached(&open(&path), Some(&cache)).unwrap();
+        u.load(&memory(), 64 << 20, false).unwrap();
+        let entry = std::fs::read_dir(dir.join("kernels"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with(".kernel"))
+            .unwrap();
+        let before = std::fs::read(&entry).unwrap();
+        for _ in 0..4 {
+            let u = Unpacking::open_cached(&open(&path), Some(&cache)).unwrap();
+            assert!(u.stream.is_cached());
+            let mem = memory();
+            let p = u.load(&mem, 64 << 20, true).unwrap();
+            assert!(p.kaslr);
+            assert_relocated(&mem, p.entry);
+            let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+            assert!(maps.contains(&*entry.to_string_lossy()));
+        }
+        assert!(std::fs::read(&entry).unwrap() == before);
     }
 
     #[test]
@@ -618,7 +670,7 @@ mod tests {
             mem.read_slice(&mut bytes, GuestAddress(start)).unwrap();
             // The warm load maps the entry's pages rather than copying them.
             let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-            assert_eq!(maps.contains(".kernel"), !cold);
+            assert_eq!(maps.contains(&*dir.to_string_lossy()), !cold);
             (bytes, p.entry)
         };
         let (cold, warm) = (load(true), load(false));

@@ -78,6 +78,11 @@ impl Stream {
         }
     }
 
+    /// Whether the stream is a cache entry (its pages are mapped, not written).
+    pub fn is_cached(&self) -> bool {
+        matches!(self.inner, Source::Cached(_))
+    }
+
     /// Whether a cache entry is being written from this stream.
     #[cfg(test)]
     pub fn is_recorded(&self) -> bool {
