@@ -133,7 +133,6 @@ pub(super) fn prefault_write(mem: &GuestMemoryMmap, addr: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::FileExt;
 
     /// A sparse file mapped at an unaligned, congruent address reads back as the file,
     /// its holes as zeroes; writes to guest memory stay private; an incongruent range
