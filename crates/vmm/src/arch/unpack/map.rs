@@ -12,7 +12,10 @@
 //! size, or the mapping fails, the caller copies instead.
 //!
 //! Entries are never changed in place (a new one is written under a temporary name and
-//! renamed; old ones are only unlinked), so what is mapped stays what was checked.
+//! renamed; old ones are only unlinked), so what is mapped stays what was checked. (What
+//! a mapping cannot do is report a read error of the cache's file system late: a page
+//! that cannot be read when first touched faults its reader. The cache is meant for a
+//! local directory.)
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
