@@ -21,11 +21,8 @@ impl Pool {
         v
     }
 
-    /// Returns a buffer for reuse (one that never had memory is dropped).
+    /// Returns a buffer for reuse.
     pub fn give(&self, v: Vec<u8>) {
-        if v.capacity() == 0 {
-            return;
-        }
         if let Ok(mut p) = self.0.lock() {
             p.push(v);
         }

@@ -312,7 +312,6 @@ async fn copy_differences(
     let size = blk.size();
     let old_size = old.map_or(0, |n| n.size());
     let new_node = new.as_ref().map(NewBacking::node);
-    let new_size = new_node.as_ref().map_or(0, |n| n.size());
     let prefix_depth = match &new {
         Some(NewBacking::InChain(_, d)) => Some(*d),
         _ => None,
@@ -376,66 +375,56 @@ async fn copy_differences(
             let (old, new) = (old.cloned(), new_node.clone());
             async move {
                 if s.zero {
-                    return Ok::<_, String>((s, 0, Vec::new(), Vec::new()));
+                    return Ok::<_, String>((s, None));
                 }
-                let n_old = s.len.min(old_size.saturating_sub(s.offset));
-                let n_new = s.len.min(new_size.saturating_sub(s.offset));
                 let mut buf_old = pool.take(s.len as usize);
                 let mut buf_new = pool.take(s.len as usize);
-                buf_old[n_old as usize..].fill(0);
-                buf_new[n_new as usize..].fill(0);
-                if n_old > 0 {
-                    if let Some(old) = &old {
-                        read_node(old, s.offset, &mut buf_old[..n_old as usize])
-                            .await
-                            .map_err(|_| "error while reading from old backing file".to_string())?;
-                    }
-                }
-                if n_new > 0 {
-                    if let Some(new) = &new {
-                        read_node(new, s.offset, &mut buf_new[..n_new as usize])
-                            .await
-                            .map_err(|_| "error while reading from new backing file".to_string())?;
-                    }
-                }
-                Ok::<_, String>((s, n_old, buf_old, buf_new))
+                read_backing(old.as_ref(), s.offset, &mut buf_old)
+                    .await
+                    .map_err(|_| "error while reading from old backing file".to_string())?;
+                read_backing(new.as_ref(), s.offset, &mut buf_new)
+                    .await
+                    .map_err(|_| "error while reading from new backing file".to_string())?;
+                Ok((s, Some((buf_old, buf_new))))
             }
         })
         .buffered(READ_AHEAD);
     while let Some(r) = results.next().await {
-        let (s, n_old, buf_old, buf_new) = r?;
-        let mut written = 0u64;
-        let mut old_eof = n_old == 0;
-        while written < s.len && !s.zero {
-            let (differ, pnum) = compare_chunks(
-                &buf_old[written as usize..],
-                &buf_new[written as usize..],
-                write_align,
-            );
-            if differ {
-                let off = s.offset + written;
-                let data = &buf_old[written as usize..(written + pnum) as usize];
-                let r = if old_eof {
-                    blk.write_zeroes(off, pnum, false).await
-                } else if let Some(c) = comp {
-                    write_compressed(blk, c, off, data).await
-                } else {
-                    blk.write(off, data, false).await
-                };
-                r.map_err(|e| {
-                    format!(
-                        "Error while writing to COW image: {}",
-                        rqemu_block::error::strerror(e.errno_value())
-                    )
-                })?;
+        let (s, bufs) = r?;
+        if let Some((buf_old, buf_new)) = bufs {
+            let mut written = 0u64;
+            let mut old_eof = s.offset >= old_size;
+            while written < s.len {
+                let (differ, pnum) = compare_chunks(
+                    &buf_old[written as usize..],
+                    &buf_new[written as usize..],
+                    write_align,
+                );
+                if differ {
+                    let off = s.offset + written;
+                    let data = &buf_old[written as usize..(written + pnum) as usize];
+                    let r = if old_eof {
+                        blk.write_zeroes(off, pnum, false).await
+                    } else if let Some(c) = comp {
+                        write_compressed(blk, c, off, data).await
+                    } else {
+                        blk.write(off, data, false).await
+                    };
+                    r.map_err(|e| {
+                        format!(
+                            "Error while writing to COW image: {}",
+                            rqemu_block::error::strerror(e.errno_value())
+                        )
+                    })?;
+                }
+                written += pnum;
+                if s.offset + written >= old_size {
+                    old_eof = true;
+                }
             }
-            written += pnum;
-            if s.offset + written >= old_size {
-                old_eof = true;
-            }
+            pool.give(buf_old);
+            pool.give(buf_new);
         }
-        pool.give(buf_old);
-        pool.give(buf_new);
         meter.print(step_progress, 100);
     }
     Ok(())
@@ -446,6 +435,21 @@ async fn reads_as_zero(node: Option<&NodeRef>, offset: u64, len: u64) -> rqemu_b
     match node {
         Some(n) => is_zero(n, offset, len).await,
         None => Ok(true),
+    }
+}
+
+/// Reads from a backing file (none: zeroes).
+async fn read_backing(
+    node: Option<&NodeRef>,
+    offset: u64,
+    buf: &mut [u8],
+) -> rqemu_block::Result<()> {
+    match node {
+        Some(n) => read_node(n, offset, buf).await,
+        None => {
+            buf.fill(0);
+            Ok(())
+        }
     }
 }
 

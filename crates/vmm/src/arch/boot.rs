@@ -61,10 +61,7 @@ pub fn load_linux(
     rsdp: u64,
 ) -> Result<LoadedKernel> {
     let low_end = mem_size.min(MEM_32BIT_GAP_START);
-    let kerr = |e: std::io::Error| {
-        Error::Boot(format!("could not load kernel '{}': {e}", kernel.display()))
-    };
-    let mut file = File::open(kernel).map_err(kerr)?;
+    let mut file = File::open(kernel).map_err(|e| kernel_error(kernel, e))?;
     let initrd = initrd
         .map(|path| {
             std::fs::read(path).map(|data| (path, data)).map_err(|e| {
@@ -160,12 +157,18 @@ pub fn load_linux(
     Ok(LoadedKernel { entry, pvh })
 }
 
+/// The error for a kernel file that cannot be loaded.
+fn kernel_error(kernel: &Path, why: impl std::fmt::Display) -> Error {
+    Error::Boot(format!(
+        "could not load kernel '{}': {why}",
+        kernel.display()
+    ))
+}
+
 /// Loads the kernel file `file` (named `kernel`) as it is: a bzImage (which
 /// decompresses itself), or an ELF vmlinux.
 fn load_image(mem: &GuestMemoryMmap, kernel: &Path, file: &mut File) -> Result<Kernel> {
-    let kerr = |e: std::io::Error| {
-        Error::Boot(format!("could not load kernel '{}': {e}", kernel.display()))
-    };
+    let kerr = |e| kernel_error(kernel, e);
     file.rewind().map_err(kerr)?;
     match BzImage::load(mem, None, file, Some(GuestAddress(HIMEM_START))) {
         Ok(r) => Ok(Kernel {
@@ -177,12 +180,8 @@ fn load_image(mem: &GuestMemoryMmap, kernel: &Path, file: &mut File) -> Result<K
         }),
         Err(bz_err) => {
             file.rewind().map_err(kerr)?;
-            let r = Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(|_| {
-                Error::Boot(format!(
-                    "could not load kernel '{}': {bz_err}",
-                    kernel.display()
-                ))
-            })?;
+            let r = Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START)))
+                .map_err(|_| kernel_error(kernel, bz_err))?;
             let (entry, pvh) = match r.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(at) => (at.0, true),
                 _ => (r.kernel_load.0, false),

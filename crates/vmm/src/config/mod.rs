@@ -767,33 +767,15 @@ mod tests {
         );
         assert_eq!(c.mem_size, 256 << 20);
         assert_eq!((c.smp.cpus, c.smp.maxcpus), (2, 4));
-        let cd = c
-            .drives
-            .iter()
-            .find(|d| d.open.filename == "cd.iso")
-            .unwrap();
+        let drive = |file: &str| c.drives.iter().find(|d| d.open.filename == file).unwrap();
+        let cd = drive("cd.iso");
         assert!(cd.cdrom && cd.open.read_only);
-        assert_eq!(
-            c.drives
-                .iter()
-                .find(|d| d.open.filename == "a.img")
-                .unwrap()
-                .index,
-            Some(0)
-        );
-        let b = c
-            .drives
-            .iter()
-            .find(|d| d.open.filename == "b.img")
-            .unwrap();
+        assert_eq!(drive("a.img").index, Some(0));
+        let b = drive("b.img");
         assert_eq!((b.index, b.addr), (Some(3), Some(9)));
         assert_eq!(b.open.detect_zeroes, rqemu_block::options::DetectZeroes::On);
         assert_eq!(b.throttle.iops_total, 50);
-        let m = c
-            .drives
-            .iter()
-            .find(|d| d.open.filename == "c.img")
-            .unwrap();
+        let m = drive("c.img");
         assert_eq!((m.id.as_str(), m.index), ("virtio1", Some(1)));
         assert!(m.cdrom && m.open.read_only);
         // As QEMU says it.

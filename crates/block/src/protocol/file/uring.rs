@@ -140,6 +140,7 @@ impl Engine for Arc<Uring> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::vectored::iovec;
     use super::*;
 
     /// A read from an empty pipe cannot complete during its submission: only the reaper,
@@ -156,10 +157,7 @@ mod tests {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
         let mut byte = [0u8; 1];
         for _ in 0..3 {
-            let iov = libc::iovec {
-                iov_base: byte.as_mut_ptr().cast(),
-                iov_len: 1,
-            };
+            let iov = iovec(byte.as_mut_ptr(), 1);
             let op = Op::Readv {
                 iov: &iov,
                 cnt: 1,
@@ -175,10 +173,7 @@ mod tests {
         // Leaked, so that a reaper which never completes the read fails the test by the
         // timeout below instead of leaving the kernel a buffer on a dead stack frame.
         let buf: &'static mut [u8; 4] = Box::leak(Box::new([0u8; 4]));
-        let iov: &'static libc::iovec = Box::leak(Box::new(libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }));
+        let iov: &'static libc::iovec = Box::leak(Box::new(iovec(buf.as_mut_ptr(), buf.len())));
         let op = Op::Readv {
             iov,
             cnt: 1,

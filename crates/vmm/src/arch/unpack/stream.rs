@@ -4,7 +4,8 @@
 //! recorded into a cache entry for the next boot.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{BufRead, Read};
+use std::os::unix::fs::FileExt;
 
 use rqemu_block::backend::is_zero;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -35,8 +36,10 @@ pub(super) struct Stream {
 enum Source {
     /// A decompressor's output.
     Decoder(Box<dyn Read>),
-    /// A cache entry: skipped by seeking, its pages mapped into guest memory.
-    Cached(BufReader<File>),
+    /// A cache entry: read at the stream's position (never through the file's own
+    /// position, which mapping moves), skipped without reading, its pages mapped into
+    /// guest memory.
+    Cached(File),
 }
 
 /// The decompressor for a payload, known by its magic bytes.
@@ -71,7 +74,7 @@ impl Stream {
     /// A cache entry of `total` bytes.
     pub fn cached(file: File, total: u64) -> Stream {
         Stream {
-            inner: Source::Cached(BufReader::with_capacity(1 << 16, file)),
+            inner: Source::Cached(file),
             pos: 0,
             total,
             record: None,
@@ -93,7 +96,7 @@ impl Stream {
     pub fn read_exact(&mut self, buf: &mut [u8]) -> Option<()> {
         match &mut self.inner {
             Source::Decoder(r) => r.read_exact(buf).ok()?,
-            Source::Cached(r) => r.read_exact(buf).ok()?,
+            Source::Cached(f) => f.read_exact_at(buf, self.pos).ok()?,
         }
         if let Some(entry) = &mut self.record {
             if entry.write(self.pos, buf).is_err() {
@@ -111,9 +114,7 @@ impl Stream {
         if offset > self.total {
             return None;
         }
-        if let Source::Cached(r) = &mut self.inner {
-            // Absolute: mapping moves the file's position (SEEK_DATA).
-            r.seek(SeekFrom::Start(offset)).ok()?;
+        if let Source::Cached(_) = self.inner {
             self.pos = offset;
             return Some(());
         }
@@ -131,14 +132,13 @@ impl Stream {
     /// then never costs the host one. A cache entry's pages are mapped instead
     /// ([`map`]).
     pub fn copy_to(&mut self, mem: &GuestMemoryMmap, addr: u64, len: u64) -> Option<()> {
-        if let Source::Cached(r) = &mut self.inner {
+        if let Source::Cached(f) = &self.inner {
             if self.pos.checked_add(len)? <= self.total
-                && map::map_into(r.get_ref(), self.pos, mem, addr, len).is_some()
+                && map::map_into(f, self.pos, mem, addr, len).is_some()
             {
-                return self.skip_to(self.pos + len);
+                self.pos += len;
+                return Some(());
             }
-            // Copied after all: back to where the stream is (mapping moved the file).
-            r.seek(SeekFrom::Start(self.pos)).ok()?;
         }
         let mut buf = vec![0u8; CHUNK.min(len as usize)];
         let mut done = 0u64;
