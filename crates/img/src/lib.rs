@@ -8,6 +8,7 @@ pub mod bufpool;
 pub mod cmd;
 pub mod common;
 pub mod help;
+pub mod ordered;
 pub mod progress;
 pub mod ratelimit;
 

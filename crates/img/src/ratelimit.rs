@@ -22,11 +22,23 @@ impl RateLimiter {
 
     /// Waits until `bytes` more may be written.
     pub async fn wait(&mut self, bytes: u64) {
+        Self::sleep_until(self.due(bytes)).await;
+    }
+
+    /// Counts `bytes` more as written and says when they may be (None: at once).
+    pub fn due(&mut self, bytes: u64) -> Option<Instant> {
         if self.rate == 0 {
-            return;
+            return None;
         }
         let due = self.start + Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
         self.bytes += bytes;
-        tokio::time::sleep_until(due.into()).await;
+        Some(due)
+    }
+
+    /// Sleeps until `due` (None: not at all).
+    pub async fn sleep_until(due: Option<Instant>) {
+        if let Some(due) = due {
+            tokio::time::sleep_until(due.into()).await;
+        }
     }
 }
