@@ -5,7 +5,9 @@
  *   mmap   memcpy from a mapping of SRC to a mapping of DST (no system call per piece)
  *   fill   pread straight into a mapping of DST (one copy, DST's pages faulted in first)
  *   read   pread into a buffer only (DST is created and left empty)
- * usage: copy-floor SRC DST BYTES THREADS rw|mmap|fill|read   -> prints the seconds taken */
+ *   cfr    copy_file_range (the kernel copies between the two page caches)
+ *   falloc fallocate DST whole first, then pread + pwrite (no page allocation per write)
+ * usage: copy-floor SRC DST BYTES THREADS rw|mmap|fill|read|cfr|falloc -> prints the seconds */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <pthread.h>
@@ -32,9 +34,13 @@ static void *worker(void *arg) {
     char *buf = aligned_alloc(4096, PIECE);
     if (!buf) return (void *)1;
     for (long off = (long)arg * PIECE; off < bytes; off += threads * PIECE) {
-        if (mode == 0 || mode == 3) {
+        if (mode == 4) {
+            loff_t in = off, out = off;
+            if (copy_file_range(sfd, &in, dfd, &out, PIECE, 0) != PIECE)
+                return (void *)1;
+        } else if (mode == 0 || mode == 3 || mode == 5) {
             if (pread(sfd, buf, PIECE, off) != PIECE ||
-                (mode == 0 && pwrite(dfd, buf, PIECE, off) != PIECE))
+                (mode != 3 && pwrite(dfd, buf, PIECE, off) != PIECE))
                 return (void *)1;
         } else if (mode == 1) {
             memcpy(dmap + off, smap + off, PIECE);
@@ -52,13 +58,18 @@ int main(int argc, char **argv) {
     if (argc != 6) return 2;
     bytes = atol(argv[3]) / PIECE * PIECE;
     threads = atol(argv[4]);
-    mode = !strcmp(argv[5], "rw") ? 0 : !strcmp(argv[5], "mmap") ? 1 : !strcmp(argv[5], "fill") ? 2 : 3;
+    static const char *modes[] = {"rw", "mmap", "fill", "read", "cfr", "falloc"};
+    mode = -1;
+    for (int i = 0; i < 6; i++)
+        if (!strcmp(argv[5], modes[i])) mode = i;
+    if (mode < 0) return 2;
     if (threads < 1 || threads > 64) return 2;
     sfd = open(argv[1], O_RDONLY);
     unlink(argv[2]);
     dfd = open(argv[2], O_RDWR | O_CREAT | O_EXCL, 0644);
     if (sfd < 0 || dfd < 0) return 1;
     double t0 = now();
+    if (mode == 5 && fallocate(dfd, 0, 0, bytes)) return 1;
     if (mode == 1 || mode == 2) {
         if (ftruncate(dfd, bytes)) return 1;
         smap = mmap(0, bytes, PROT_READ, MAP_SHARED, sfd, 0);

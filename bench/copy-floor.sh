@@ -9,7 +9,8 @@
 # between. Timed, interleaved, median of RUNS: qemu-img convert raw -> qcow2 of the
 # whole source, and copies of its data alone (SIZE_MB/2 MiB, packed into one file first)
 # to a new tmpfs file by bench/copy-floor.c with 1 and 2 threads, as pread/pwrite pairs,
-# as memcpy between two mappings, and as pread into a mapping; and reads of that data
+# as memcpy between two mappings, as pread into a mapping, as copy_file_range, and as
+# pread/pwrite into a target allocated whole by fallocate first; and reads of that data
 # alone. A convert at 1.5x qemu-img's throughput would have to finish in 1/1.5 of
 # qemu-img's time, data copy included. Scratch files live on /dev/shm.
 set -euo pipefail
@@ -29,10 +30,13 @@ head -c "${data_mb}M" /dev/urandom > "$W/data"
 
 now() { date +%s.%N; }
 declare -A T
-cases="convert rw1 rw2 mmap1 mmap2 fill1 fill2 read1 read2"
+cases="convert rw1 rw2 mmap1 mmap2 fill1 fill2 cfr1 cfr2 falloc1 falloc2 read1 read2"
 for i in $(seq "$RUNS"); do
     for c in $cases; do
         rm -f "$W/out"
+        # Start from freshly freed memory, as bench/img-ops.sh does (see there).
+        head -c 2G /dev/zero > "$W/warm"
+        rm -f "$W/warm"
         case $c in
             convert)
                 t0=$(now); qemu-img convert -O qcow2 "$src" "$W/out"; t=$(echo "$(now) - $t0" | bc) ;;
@@ -47,7 +51,7 @@ med() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)
 q=$(echo "${T[convert]}" | med)
 printf '%-52s %8.3f s\n' "qemu-img convert -O qcow2, ${SIZE_MB} MiB (half data)" "$q"
 printf '%-52s %8.3f s\n' "  1.5x its throughput would take" "$(echo "$q / 1.5" | bc -l)"
-for c in rw1 rw2 mmap1 mmap2 fill1 fill2 read1 read2; do
+for c in rw1 rw2 mmap1 mmap2 fill1 fill2 cfr1 cfr2 falloc1 falloc2 read1 read2; do
     what="copy ${data_mb} MiB: ${c%?}"
     [ "${c%?}" = read ] && what="read ${data_mb} MiB"
     printf '%-52s %8.3f s\n' "$what, ${c: -1} thread(s)" "$(echo "${T[$c]}" | med)"

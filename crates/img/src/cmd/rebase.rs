@@ -63,17 +63,17 @@ current backing chain, so its contents stay the same.
 
 /// Step of the comparison (qemu-img's buffer size).
 const STEP: u64 = 2 << 20;
-/// Steps being read at once, in any order; a step is compared as soon as both of its
-/// buffers are in (each read is split across two workers, so two steps keep both cores
-/// busy). Few steps keep the buffers in use in the CPU's last-level cache between the
-/// read, the comparison and the write: with eight steps in flight (36 MiB of buffers)
-/// they came back from memory, and the rebase of bench/img-ops.sh took 0.44-0.48 s
-/// instead of 0.35-0.38 s.
+/// Steps being read at once (both backing files of a step at the same time), finishing
+/// in any order; a step is compared as soon as its two buffers are in. Few steps keep
+/// the buffers in the CPU's last-level cache between the read, the comparison and the
+/// write: with eight steps in flight (36 MiB of buffers) they came back from memory, and
+/// the rebase of bench/img-ops.sh took 0.44-0.48 s instead of 0.35-0.38 s.
 const READ_AHEAD: usize = 2;
 /// Compared steps with data to copy that may wait for the writer while reads go on.
 /// Writes to one file run one at a time (its inode lock), so where the backing files
 /// differ the writer sets the pace; one waiting step keeps it busy, and more only push
-/// the buffers out of the cache (with four: 0.27-0.29 s against 0.25-0.26 s).
+/// buffers out of the cache (medians of 7-9 interleaved runs: 0.26 s with one, 0.28 s
+/// with four).
 const MAX_BACKLOG: usize = 1;
 
 /// Runs `rebase`.
