@@ -295,15 +295,21 @@ impl FileNode {
     }
 
     fn seek(&self, offset: u64, whence: i32) -> std::result::Result<u64, i32> {
-        // SAFETY: lseek on an open descriptor has no memory-safety requirements.
-        let r = unsafe { libc::lseek(self.fd(), offset as libc::off_t, whence) };
-        if r < 0 {
-            Err(std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO))
-        } else {
-            Ok(r as u64)
-        }
+        seek(self.fd(), offset, whence)
+    }
+}
+
+/// `lseek` on `fd` (`SEEK_DATA`, `SEEK_HOLE`, ...): the new position, or the errno
+/// (`ENXIO`: no data, or no hole, from `offset` on).
+pub fn seek(fd: RawFd, offset: u64, whence: i32) -> std::result::Result<u64, i32> {
+    // SAFETY: lseek on a descriptor has no memory-safety requirements.
+    let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO))
+    } else {
+        Ok(r as u64)
     }
 }
 

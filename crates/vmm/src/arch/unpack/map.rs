@@ -21,6 +21,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
+use rqemu_block::protocol::file::seek;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::stream::PAGE;
@@ -86,23 +87,15 @@ pub(super) fn map_into(
 fn next_data(file: &File, at: u64, end: u64) -> Option<(u64, u64)> {
     let fd = file.as_raw_fd();
     let page = PAGE as u64;
-    // SAFETY: lseek on a descriptor `file` owns; it reads nothing from memory.
-    let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
-    let data = match u64::try_from(data) {
-        Ok(d) => d / page * page,
-        // ENXIO: no data from `at` on.
-        Err(_) if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => {
-            return None;
-        }
+    let data = match seek(fd, at, libc::SEEK_DATA) {
+        Ok(d) => (d / page * page).max(at),
+        Err(libc::ENXIO) => return None,
         Err(_) => return Some((at, end)),
     };
-    let data = data.max(at);
     if data >= end {
         return None;
     }
-    // SAFETY: as above.
-    let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-    let hole = u64::try_from(hole).map_or(end, |h| h.div_ceil(page) * page);
+    let hole = seek(fd, data, libc::SEEK_HOLE).map_or(end, |h| h.div_ceil(page) * page);
     Some((data, hole.clamp(data + page, end)))
 }
 

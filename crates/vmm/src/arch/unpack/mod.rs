@@ -292,7 +292,7 @@ impl Unpacking {
         self.stream.skip_to(self.elf_end)?;
         let relocs = self.stream.read_rest(MAX_RELOCS)?;
         if delta != 0 && !relocs.is_empty() {
-            self.relocate(mem, phys, &relocs, delta, self.stream.is_cached())?;
+            self.relocate(mem, phys, &relocs, delta)?;
         }
         self.stream.finish();
         let entry = if self.entry >= self.kernel_map {
@@ -312,19 +312,13 @@ impl Unpacking {
     /// virtual address of a place to adjust, sign-extended from 32 bits) for a virtual
     /// shift of `delta`, to the kernel at `phys`, as the kernel's decompressor walks it.
     /// `None` for an entry outside the kernel or a table without its three ends (the
-    /// caller then leaves the bzImage to decompress itself). `mapped`: the kernel's pages
-    /// are mapped from the kernel cache rather than written.
-    fn relocate(
-        &self,
-        mem: &GuestMemoryMmap,
-        phys: u64,
-        table: &[u8],
-        delta: u64,
-        mapped: bool,
-    ) -> Option<()> {
+    /// caller then leaves the bzImage to decompress itself).
+    fn relocate(&self, mem: &GuestMemoryMmap, phys: u64, table: &[u8], delta: u64) -> Option<()> {
         if !table.len().is_multiple_of(4) {
             return None;
         }
+        // The kernel's pages are mapped from the kernel cache rather than written.
+        let mapped = self.stream.is_cached();
         let base = self.kernel_map.wrapping_add(self.load_phys);
         let mut touched = u64::MAX;
         let mut words = table
