@@ -37,12 +37,45 @@ pub fn qemu_is_10() -> bool {
         .unwrap_or(false)
 }
 
-/// Skips the calling test (prints one line) unless qemu-img and qemu-io are installed.
+pub use rqemu_block::testing::{skip, strict, STRICT_VAR};
+
+/// Whether qemu-img and qemu-io are installed; [`skip`]s when not.
+#[track_caller]
+pub fn need_qemu() -> bool {
+    if have("qemu-img") && have("qemu-io") {
+        return true;
+    }
+    skip("qemu-img/qemu-io (qemu-utils) not installed");
+    false
+}
+
+/// Whether the installed qemu-img is QEMU 10 (exact output comparisons need it);
+/// [`skip`]s when not.
+#[track_caller]
+pub fn need_qemu_10() -> bool {
+    if qemu_is_10() {
+        return true;
+    }
+    skip("exact output comparison needs qemu-img 10");
+    false
+}
+
+/// Whether `tool` is installed; [`skip`]s when not, naming `why`.
+#[track_caller]
+pub fn need_tool(tool: &str, why: &str) -> bool {
+    if have(tool) {
+        return true;
+    }
+    skip(&format!("{tool} not installed ({why})"));
+    false
+}
+
+/// Returns from the calling test unless qemu-img and qemu-io are installed (see
+/// [`need_qemu`]).
 #[macro_export]
 macro_rules! require_qemu {
     () => {
-        if !$crate::have("qemu-img") || !$crate::have("qemu-io") {
-            eprintln!("skipped: qemu-img/qemu-io (qemu-utils) not installed");
+        if !$crate::need_qemu() {
             return;
         }
     };

@@ -7,7 +7,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::process::Command;
 use std::time::Duration;
 
-use rqemu::{bin, normalize, qemu_is_10, require_qemu, run_ok, Scratch};
+use rqemu::{bin, need_qemu_10, normalize, require_qemu, run_ok, Scratch};
 
 fn poke(file: &str, offset: u64, bytes: &[u8]) {
     let mut f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
@@ -195,7 +195,7 @@ fn hostile_images_fail_cleanly() {
                         case.name
                     );
                 }
-                if qemu_is_10() {
+                if need_qemu_10() {
                     let q = Command::new("qemu-img").args(&args).output().unwrap();
                     let qerr = String::from_utf8_lossy(&q.stderr);
                     assert_eq!(normalize(&err), normalize(&qerr), "{}: {args:?}", case.name);

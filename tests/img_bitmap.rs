@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use rqemu::{have, Scratch};
+use rqemu::{need_tool, Scratch};
 
 mod img_common;
 use img_common::{exact_qemu, outcome, rqemu, run_in};
@@ -121,7 +121,7 @@ impl Pair {
 /// The dirty ranges of bitmap `name` of `img`, as QEMU's qemu-nbd exports them (`None`
 /// when qemu-nbd is not installed).
 fn nbd_bitmap(d: &Path, img: &str, name: &str) -> Option<String> {
-    if !have("qemu-nbd") {
+    if !need_tool("qemu-nbd", "bitmap contents are read through its exports") {
         return None;
     }
     let sock = d.join(format!("nbd-{name}.sock"));

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use rqemu::{bin, have};
+use rqemu::{bin, need_tool, skip};
 
 /// The formats (and protocols) the suite runs for; a new one joins with its entries in
 /// `expected.txt`.
@@ -213,15 +213,15 @@ fn qemu_iotests_pass() {
     let src = match suite() {
         Ok(s) => s,
         Err(why) => {
-            eprintln!("skipped: qemu-iotests: {why}");
+            skip(&format!("qemu-iotests: {why}"));
             return;
         }
     };
     for tool in ["qemu-system-x86_64", "qemu-storage-daemon", "qemu-nbd"] {
-        if !have(tool) {
-            eprintln!(
-                "skipped: qemu-iotests: the harness needs {tool} (QEMU 10 from bookworm-backports)"
-            );
+        if !need_tool(
+            tool,
+            "qemu-iotests' harness needs it; QEMU 10 from bookworm-backports",
+        ) {
             return;
         }
     }

@@ -10,18 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rqemu::{bin, have, Scratch};
+use rqemu::{bin, need_tool, Scratch};
 
 mod img_common;
 use img_common::{exact_qemu, io, qemu_img, run_in};
 
 /// Whether the tests can run; prints the one-line reason when not.
 fn ready() -> bool {
-    if !have("qemu-nbd") {
-        eprintln!("skipped: qemu-nbd not installed");
-        return false;
-    }
-    exact_qemu()
+    need_tool("qemu-nbd", "the NBD client is checked against it") && exact_qemu()
 }
 
 /// A qemu-nbd serving `img` on `dir/name.sock` until dropped.

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use rqemu::{bin, normalize, qemu_is_10, require_qemu, run, run_ok, Scratch};
+use rqemu::{bin, need_qemu_10, normalize, require_qemu, run, run_ok, Scratch};
 
 fn rqemu_img() -> String {
     bin("rqemu-img").to_string_lossy().into_owned()
@@ -164,7 +164,7 @@ fn raw_luks_both_ways() {
 #[test]
 fn info_matches_qemu() {
     require_qemu!();
-    if !qemu_is_10() {
+    if !need_qemu_10() {
         return;
     }
     let s = Scratch::new("enc-info");

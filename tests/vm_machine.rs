@@ -4,7 +4,8 @@
 //!
 //! Where /dev/kvm is a hardware KVM (vmx or svm), the scenarios run directly; otherwise
 //! they run on a nested KVM inside one QEMU 10 TCG machine (tests/vm/nested.sh), booted
-//! once for all scenarios. Without either, each test is skipped with the reason.
+//! once for all scenarios. Without either, each test is skipped with the reason (a
+//! strict run, `RQEMU_TEST_STRICT=1`, fails instead).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -141,7 +142,7 @@ fn run_all() -> Result<Outcome, String> {
 fn scenario(name: &str) {
     static OUTCOME: OnceLock<Result<Outcome, String>> = OnceLock::new();
     match OUTCOME.get_or_init(run_all) {
-        Err(reason) => eprintln!("skipped: {reason}"),
+        Err(reason) => rqemu::skip(reason),
         Ok(o) => match o.results.get(name) {
             Some((true, _)) => {}
             Some((false, detail)) => panic!("{detail}"),

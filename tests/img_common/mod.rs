@@ -8,19 +8,11 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use rqemu::{bin, have, qemu_is_10};
+use rqemu::{bin, need_qemu, need_qemu_10};
 
-/// Whether exact-output comparisons can run; prints the one-line reason when not.
+/// Whether exact-output comparisons can run; skips (or fails a strict run) when not.
 pub fn exact_qemu() -> bool {
-    if !have("qemu-img") || !have("qemu-io") {
-        eprintln!("skipped: qemu-img/qemu-io (qemu-utils) not installed");
-        return false;
-    }
-    if !qemu_is_10() {
-        eprintln!("skipped: exact output needs qemu-img 10");
-        return false;
-    }
-    true
+    need_qemu() && need_qemu_10()
 }
 
 /// Runs a program with `args` in `dir`.

@@ -30,6 +30,7 @@ pub mod perm;
 pub mod probe;
 pub mod protocol;
 pub mod status;
+pub mod testing;
 
 pub use backend::BlockBackend;
 pub use error::{Error, Result};

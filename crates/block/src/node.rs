@@ -152,6 +152,8 @@ pub enum ChildRole {
     Image,
     /// One of several equal children (quorum's `children.N`).
     Children,
+    /// Where a filter records requests (blklogwrites' `log`).
+    Log,
 }
 
 impl ChildRole {
@@ -163,6 +165,7 @@ impl ChildRole {
             ChildRole::DataFile => "data-file",
             ChildRole::Image => "image",
             ChildRole::Children => "children",
+            ChildRole::Log => "log",
         }
     }
 

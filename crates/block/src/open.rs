@@ -215,6 +215,9 @@ pub async fn open_node(
     if format == Some("quorum") {
         return open_quorum(kv, flags).await;
     }
+    if format == Some("blklogwrites") {
+        return Ok(open_blklogwrites(kv, flags, cache).await?.0);
+    }
     // Null devices (driver=null-co / null-aio).
     if let Some(name @ ("null-co" | "null-aio")) = format {
         let name = if name == "null-co" {
@@ -292,14 +295,20 @@ pub async fn open_node(
     file_kv.take("auto-read-only");
     let nbd = proto.as_deref() == Some("nbd")
         || (proto.is_none() && crate::protocol::nbd::is_nbd_filename(&fname));
-    if fname.is_empty() && !nbd && !matches!(proto.as_deref(), Some("blkdebug" | "quorum")) {
+    if fname.is_empty()
+        && !nbd
+        && !matches!(
+            proto.as_deref(),
+            Some("blkdebug" | "quorum" | "blklogwrites")
+        )
+    {
         return Err(Error::invalid(
             "A block device must be specified for \"file\"",
         ));
     }
     match proto.as_deref() {
         None | Some("file") | Some("host_device") | Some("host_cdrom") | Some("nbd")
-        | Some("blkdebug") | Some("quorum") => {}
+        | Some("blkdebug") | Some("quorum") | Some("blklogwrites") => {}
         Some(other) => {
             return Err(Error::invalid(format!("Unknown protocol '{other}'")));
         }
@@ -310,6 +319,11 @@ pub async fn open_node(
         proto.as_deref() == Some("blkdebug") || (proto.is_none() && fname.starts_with("blkdebug:"));
     let (file_ref, file): (NodeRef, Option<Arc<FileNode>>) = if proto.as_deref() == Some("quorum") {
         (open_quorum(file_kv, flags).await?, None)
+    } else if proto.as_deref() == Some("blklogwrites") {
+        let (node, image) = open_blklogwrites(file_kv, flags, cache).await?;
+        // Backing files are found relative to the logged image.
+        fname = image;
+        (node, None)
     } else if blkdebug {
         let (node, image) = open_blkdebug(&fname, file_kv, flags, cache, true, chain).await?;
         // Backing files are found relative to the image below the filter.
@@ -408,6 +422,51 @@ async fn open_blkdebug(
     };
     let node: NodeRef = Arc::new(BlkdebugNode::open(child, opts).await?);
     Ok((node, image))
+}
+
+/// Opens a blklogwrites node over its `file.*` child, logging to its `log.*` child (each
+/// a file unless it names another driver). Returns the node and the file's name.
+async fn open_blklogwrites(
+    mut kv: KeyVal,
+    flags: &GraphFlags,
+    cache: CacheMode,
+) -> Result<(NodeRef, String)> {
+    use crate::filter::blklogwrites::{BlkLogWritesNode, BlkLogWritesOptions};
+    let mut children = Vec::new();
+    for role in ["file", "log"] {
+        let mut ckv = kv.take_child(role);
+        let name = kv
+            .take(role)
+            .or_else(|| ckv.take("filename"))
+            .unwrap_or_default();
+        let child = match ckv.take("driver").filter(|d| d != "file") {
+            Some(d) => {
+                let mut chain = Vec::new();
+                Box::pin(open_node(&name, Some(&d), ckv, flags, &mut chain)).await?
+            }
+            None if name.is_empty() => {
+                return Err(Error::invalid(format!(
+                    "A block device must be specified for \"{role}\""
+                )))
+            }
+            None => open_file(
+                &name,
+                ckv,
+                flags,
+                cache,
+                PermRequest::user(!flags.read_only),
+                None,
+            )?,
+        };
+        children.push((child, name));
+    }
+    let opts = BlkLogWritesOptions::take_from(&mut kv)?;
+    kv.take("filename");
+    reject_unknown("blklogwrites", &kv, true)?;
+    let (log, _) = children.pop().expect("two children");
+    let (file, name) = children.pop().expect("two children");
+    let node: NodeRef = Arc::new(BlkLogWritesNode::open(file, log, opts).await?);
+    Ok((node, name))
 }
 
 /// Opens a quorum node over its `children.N.*` (each opened as any node is).

@@ -373,6 +373,11 @@ impl Qcow2 {
             return Err(Error::errno(libc::EINVAL));
         }
         let mut m = self.meta.lock().await;
+        // What was copied into the image for the new backing file (rebase) must be
+        // durable, with the tables that map it, before the header names that file: a
+        // power cut in between would leave those clusters reading through it.
+        m.flush_caches().await?;
+        m.sync().await?;
         let old = (m.h.backing_file.clone(), m.h.backing_format.clone());
         m.h.backing_file = name.map(str::to_string);
         m.h.backing_format = if name.is_some() {

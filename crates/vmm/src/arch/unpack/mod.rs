@@ -638,14 +638,11 @@ mod tests {
                     .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
             })
         }) else {
+            rqemu_block::testing::skip("no kernel in /boot (linux-image-amd64)");
             return;
         };
-        let Ok(file) = File::open(&k) else {
-            return;
-        };
-        let Some(u) = Unpacking::open_cached(&file, None) else {
-            return;
-        };
+        let file = File::open(&k).expect("the host kernel opens");
+        let u = Unpacking::open_cached(&file, None).expect("the host kernel is a bzImage");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 512 << 20)]).unwrap();
         let size = u.size();
         let p = u.load(&mem, 512 << 20, true).expect("the kernel unpacks");
