@@ -126,10 +126,10 @@ fn step_workloads() -> Vec<(&'static str, &'static str, u64, Vec<Step>)> {
             vec![
                 Write(0, 64 * K),
                 Checkpoint,
-                Write(1 * M, 512 * K),
+                Write(M, 512 * K),
                 Parallel(vec![(3 * M, 16 * K), (4 * M, 16 * K)]),
                 Checkpoint,
-                Discard(1 * M, 256 * K),
+                Discard(M, 256 * K),
                 Write(6 * M, 12 * K),
                 Checkpoint,
             ],

@@ -393,7 +393,7 @@ fn check_state(
     let img_s = img.to_string_lossy().into_owned();
     if rec.lazy {
         // The dirty bit is set: opening read-write repairs the refcounts.
-        if turn % 2 == 0 {
+        if turn.is_multiple_of(2) {
             runtime().block_on(async {
                 let o = OpenOptions {
                     filename: img_s.clone(),

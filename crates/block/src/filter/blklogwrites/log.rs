@@ -28,7 +28,7 @@ pub const MARK: u64 = 1 << 3;
 pub const FLAG_MASK: u64 = FLUSH | FUA | DISCARD | MARK;
 
 /// The superblock's magic number.
-pub const MAGIC: u64 = 0x6a73_6677_7368_72;
+pub const MAGIC: u64 = 0x006a_7366_7773_6872;
 /// The only log version.
 pub const VERSION: u64 = 1;
 /// Bytes of the superblock and of an entry header that carry fields.
