@@ -31,8 +31,9 @@ use crate::node::{Alignment, BlockDriver, BlockStatus, HostMapping, Prealloc, Wr
 use crate::options::{AioMode, CacheMode};
 use crate::perm::PermRequest;
 
+use crate::iov::{IoBuf, IoBufMut};
 use engine::{Engine, IoFuture, Op};
-use vectored::{iovec, Dir, IoVecs};
+use vectored::IoVecs;
 
 /// How to open a file node.
 #[derive(Debug, Clone)]
@@ -60,10 +61,18 @@ enum EngineKind {
 }
 
 impl EngineKind {
-    fn submit<'a>(&self, fd: RawFd, op: Op) -> IoFuture<'a> {
-        match self {
-            EngineKind::Threads(p) => p.submit(fd, op),
-            EngineKind::Uring(u) => u.submit(fd, op),
+    /// Submits to the engine the node uses.
+    ///
+    /// # Safety
+    ///
+    /// As [`Engine::submit`].
+    unsafe fn submit(&self, fd: RawFd, op: Op) -> IoFuture {
+        // SAFETY: the caller keeps Engine::submit's contract.
+        unsafe {
+            match self {
+                EngineKind::Threads(p) => p.submit(fd, op),
+                EngineKind::Uring(u) => u.submit(fd, op),
+            }
         }
     }
 }
@@ -241,8 +250,8 @@ impl FileNode {
     }
 
     async fn pread_part(&self, offset: u64, buf: &mut [u8], inline: bool) -> Result<()> {
-        let iov = IoVecs([iovec(buf.as_mut_ptr(), buf.len())]);
-        let done = self.transfer(offset, iov, Dir::Read, inline).await?;
+        let iov = IoVecs::reading_one(IoBufMut::new(buf));
+        let done = self.transfer(offset, iov, inline).await?;
         // Past the end of the file: reads as zeroes, as QEMU pads short reads.
         buf[done..].fill(0);
         Ok(())
@@ -258,16 +267,18 @@ impl FileNode {
     }
 
     async fn pwrite_part(&self, offset: u64, buf: &[u8], inline: bool) -> Result<()> {
-        let iov = IoVecs([iovec(buf.as_ptr().cast_mut(), buf.len())]);
-        self.transfer(offset, iov, Dir::Write, inline).await?;
+        let iov = IoVecs::writing_one(IoBuf::new(buf));
+        self.transfer(offset, iov, inline).await?;
         Ok(())
     }
 
     async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> Result<()> {
-        let r = self
-            .engine
-            .submit(self.fd(), Op::Fallocate { mode, offset, len })
-            .await;
+        // SAFETY: fallocate carries no pointers.
+        let r = unsafe {
+            self.engine
+                .submit(self.fd(), Op::Fallocate { mode, offset, len })
+        }
+        .await;
         if r < 0 {
             return Err(Error::errno(-r as i32));
         }
@@ -403,20 +414,18 @@ impl BlockDriver for FileNode {
         self.pread_full(offset, buf).await
     }
 
-    async fn readv(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
-        match bufs {
-            [] => Ok(()),
-            [one] => self.read(offset, one).await,
-            _ => self.readv_impl(offset, bufs).await,
+    async fn readv(&self, offset: u64, bufs: &[IoBufMut<'_>]) -> Result<()> {
+        if bufs.is_empty() {
+            return Ok(());
         }
+        self.readv_impl(offset, bufs).await
     }
 
-    async fn writev(&self, offset: u64, bufs: &[&[u8]], flags: WriteFlags) -> Result<()> {
-        match bufs {
-            [] => Ok(()),
-            [one] => self.write(offset, one, flags).await,
-            _ => self.writev_impl(offset, bufs, flags).await,
+    async fn writev(&self, offset: u64, bufs: &[IoBuf<'_>], flags: WriteFlags) -> Result<()> {
+        if bufs.is_empty() {
+            return Ok(());
         }
+        self.writev_impl(offset, bufs, flags).await
     }
 
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
@@ -539,7 +548,8 @@ impl BlockDriver for FileNode {
         if self.read_only || self.flushed_gen.load(Ordering::Acquire) == gen {
             return Ok(());
         }
-        let r = self.engine.submit(self.fd(), Op::Fdatasync).await;
+        // SAFETY: fdatasync carries no pointers.
+        let r = unsafe { self.engine.submit(self.fd(), Op::Fdatasync) }.await;
         if r < 0 {
             return Err(Error::errno(-r as i32));
         }
