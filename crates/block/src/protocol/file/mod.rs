@@ -236,10 +236,10 @@ impl FileNode {
     /// Large buffered requests are split in two and handed to the engine at once, so
     /// that the copy between page cache and memory (most of their cost) runs on two
     /// cores; small ones first try the inline `RWF_NOWAIT` path.
-    async fn pread_full(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    async fn pread_full(&self, offset: u64, buf: IoBufMut<'_>) -> Result<()> {
         if !self.direct && buf.len() >= SPLIT_BYTES {
             let half = (buf.len() / 2).next_multiple_of(SPLIT_ALIGN);
-            let (a, b) = buf.split_at_mut(half);
+            let (a, b) = (buf.range(0, half), buf.range(half, buf.len() - half));
             let (ra, rb) = futures::join!(
                 self.pread_part(offset, a, false),
                 self.pread_part(offset + half as u64, b, false)
@@ -249,25 +249,25 @@ impl FileNode {
         self.pread_part(offset, buf, !self.direct).await
     }
 
-    async fn pread_part(&self, offset: u64, buf: &mut [u8], inline: bool) -> Result<()> {
-        let iov = IoVecs::reading_one(IoBufMut::new(buf));
+    async fn pread_part(&self, offset: u64, buf: IoBufMut<'_>, inline: bool) -> Result<()> {
+        let iov = IoVecs::reading_one(buf);
         let done = self.transfer(offset, iov, inline).await?;
         // Past the end of the file: reads as zeroes, as QEMU pads short reads.
-        buf[done..].fill(0);
+        buf.range(done, buf.len() - done).fill(0);
         Ok(())
     }
 
     /// Writes at an offset the caller has made suitable for the file's alignment. (Not
     /// split like reads: buffered writes to one file serialise on its inode lock.)
-    async fn pwrite_full(&self, offset: u64, buf: &[u8]) -> Result<()> {
+    async fn pwrite_full(&self, offset: u64, buf: IoBuf<'_>) -> Result<()> {
         let inline = !self.direct && self.nowait_writes.load(Ordering::Relaxed);
         self.pwrite_part(offset, buf, inline).await?;
         self.note_end(offset + buf.len() as u64);
         Ok(())
     }
 
-    async fn pwrite_part(&self, offset: u64, buf: &[u8], inline: bool) -> Result<()> {
-        let iov = IoVecs::writing_one(IoBuf::new(buf));
+    async fn pwrite_part(&self, offset: u64, buf: IoBuf<'_>, inline: bool) -> Result<()> {
+        let iov = IoVecs::writing_one(buf);
         self.transfer(offset, iov, inline).await?;
         Ok(())
     }
@@ -294,6 +294,36 @@ impl FileNode {
             let n = (end - pos).min(CHUNK) as usize;
             self.write(pos, &zeroes[..n], WriteFlags::NONE).await?;
             pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Reads one buffer (no iovec array to allocate).
+    async fn read_one(&self, offset: u64, buf: IoBufMut<'_>) -> Result<()> {
+        if self.direct && !self.is_aligned(offset, buf.len(), buf.as_mut_ptr() as usize) {
+            return direct::read_unaligned(self, offset, buf).await;
+        }
+        self.pread_full(offset, buf).await
+    }
+
+    /// Writes one buffer (no iovec array to allocate).
+    async fn write_one(&self, offset: u64, buf: IoBuf<'_>, flags: WriteFlags) -> Result<()> {
+        if self.read_only {
+            return Err(Error::errno(libc::EBADF));
+        }
+        let _change = self.note_change(offset, buf.len() as u64);
+        if self.direct {
+            if !self.is_aligned(offset, buf.len(), buf.as_ptr() as usize) {
+                direct::write_unaligned(self, offset, buf).await?;
+            } else {
+                let _shared = self.rmw.read().await;
+                self.pwrite_full(offset, buf).await?;
+            }
+        } else {
+            self.pwrite_full(offset, buf).await?;
+        }
+        if flags.fua {
+            self.flush().await?;
         }
         Ok(())
     }
@@ -408,45 +438,27 @@ impl BlockDriver for FileNode {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if self.direct && !self.is_aligned(offset, buf.len(), buf.as_ptr() as usize) {
-            return direct::read_unaligned(self, offset, buf).await;
-        }
-        self.pread_full(offset, buf).await
+        self.read_one(offset, IoBufMut::new(buf)).await
     }
 
     async fn readv(&self, offset: u64, bufs: &[IoBufMut<'_>]) -> Result<()> {
-        if bufs.is_empty() {
-            return Ok(());
+        match bufs {
+            [] => Ok(()),
+            [one] => self.read_one(offset, *one).await,
+            _ => self.readv_impl(offset, bufs).await,
         }
-        self.readv_impl(offset, bufs).await
     }
 
     async fn writev(&self, offset: u64, bufs: &[IoBuf<'_>], flags: WriteFlags) -> Result<()> {
-        if bufs.is_empty() {
-            return Ok(());
+        match bufs {
+            [] => Ok(()),
+            [one] => self.write_one(offset, *one, flags).await,
+            _ => self.writev_impl(offset, bufs, flags).await,
         }
-        self.writev_impl(offset, bufs, flags).await
     }
 
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
-        if self.read_only {
-            return Err(Error::errno(libc::EBADF));
-        }
-        let _change = self.note_change(offset, buf.len() as u64);
-        if self.direct {
-            if !self.is_aligned(offset, buf.len(), buf.as_ptr() as usize) {
-                direct::write_unaligned(self, offset, buf).await?;
-            } else {
-                let _shared = self.rmw.read().await;
-                self.pwrite_full(offset, buf).await?;
-            }
-        } else {
-            self.pwrite_full(offset, buf).await?;
-        }
-        if flags.fua {
-            self.flush().await?;
-        }
-        Ok(())
+        self.write_one(offset, IoBuf::new(buf), flags).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {

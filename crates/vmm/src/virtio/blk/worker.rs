@@ -19,7 +19,7 @@ use futures::FutureExt;
 use rqemu_block::iov::{IoBuf, IoBufMut};
 use tokio::io::unix::AsyncFd;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::request::{self, Desc, Kind, Refusal, Request, Segment, S_IOERR, S_OK};
 use super::Disk;
@@ -31,12 +31,6 @@ const MAX_CHAIN: usize = 1024;
 /// A raw block-layer buffer descriptor made over guest memory ([`IoBuf`] for a write's
 /// data, [`IoBufMut`] for a read's).
 trait GuestBuf<'a>: Copy {
-    /// The first byte's host address.
-    fn base(&self) -> *mut u8;
-
-    /// Length in bytes.
-    fn size(&self) -> usize;
-
     /// Describes `len` bytes of guest memory at host address `ptr`.
     ///
     /// # Safety
@@ -47,14 +41,6 @@ trait GuestBuf<'a>: Copy {
 }
 
 impl<'a> GuestBuf<'a> for IoBuf<'a> {
-    fn base(&self) -> *mut u8 {
-        self.as_ptr().cast_mut()
-    }
-
-    fn size(&self) -> usize {
-        self.len()
-    }
-
     unsafe fn from_guest(ptr: *mut u8, len: usize) -> Self {
         // SAFETY: the caller keeps from_raw's contract.
         unsafe { IoBuf::from_raw(ptr, len) }
@@ -62,47 +48,48 @@ impl<'a> GuestBuf<'a> for IoBuf<'a> {
 }
 
 impl<'a> GuestBuf<'a> for IoBufMut<'a> {
-    fn base(&self) -> *mut u8 {
-        self.as_mut_ptr()
-    }
-
-    fn size(&self) -> usize {
-        self.len()
-    }
-
     unsafe fn from_guest(ptr: *mut u8, len: usize) -> Self {
         // SAFETY: the caller keeps from_raw's contract.
         unsafe { IoBufMut::from_raw(ptr, len) }
     }
 }
 
-/// The request's guest buffers as raw block-layer descriptors, with segments that are
-/// adjacent in host memory merged: one descriptor for a buffer that is contiguous in the
-/// guest. The runs of one request go to the backend as one vectored request, straight
-/// into or out of guest memory. No Rust reference to guest memory is made: the guest
-/// may change it at any time, and the block layer only copies through the descriptors
-/// or hands them to the kernel (the contract of `rqemu_block::iov`).
+/// The request's guest buffers as raw block-layer descriptors, with segments that
+/// continue each other in guest memory (inside one region) merged: one descriptor for a
+/// buffer that is contiguous in the guest. The runs of one request go to the backend as
+/// one vectored request, straight into or out of guest memory. No Rust reference to
+/// guest memory is made: the guest may change it at any time, and the block layer only
+/// copies through the descriptors or hands them to the kernel (the contract of
+/// `rqemu_block::iov`).
 fn guest_runs<'a, B: GuestBuf<'a>>(mem: &'a GuestMemoryMmap, segs: &[Segment]) -> Option<Vec<B>> {
     let mut runs: Vec<B> = Vec::with_capacity(segs.len());
+    // Guest address and length of the last run.
+    let mut last: Option<(u64, usize)> = None;
     for seg in segs {
         if seg.len == 0 {
             continue;
         }
         let len = seg.len as usize;
-        let ptr = mem.get_slice(seg.addr, len).ok()?.ptr_guard_mut().as_ptr();
-        if let Some(last) = runs.last_mut() {
-            if (last.base() as usize).checked_add(last.size()) == Some(ptr as usize) {
-                // SAFETY: the run before and this segment are both ranges `get_slice` found
-                // inside mapped regions of `mem`, which stay mapped while `mem` is borrowed
-                // for 'a; they are adjacent, so the merged range is mapped memory too.
-                *last = unsafe { B::from_guest(last.base(), last.size() + len) };
+        if let Some((start, n)) = last {
+            // One range of one region (get_slice never spans regions): one descriptor.
+            let merged = (start.checked_add(n as u64) == Some(seg.addr.0))
+                .then(|| mem.get_slice(GuestAddress(start), n + len).ok())
+                .flatten();
+            if let (Some(vs), Some(run)) = (merged, runs.last_mut()) {
+                // SAFETY: `get_slice` checked that the merged range lies inside one mapped
+                // region of `mem`, which stays mapped while `mem` is borrowed for 'a; the
+                // VMM makes no Rust reference into guest memory.
+                *run = unsafe { B::from_guest(vs.ptr_guard_mut().as_ptr(), n + len) };
+                last = Some((start, n + len));
                 continue;
             }
         }
+        let vs = mem.get_slice(seg.addr, len).ok()?;
         // SAFETY: `get_slice` checked that the whole range lies inside one mapped region
         // of `mem`, which stays mapped while `mem` is borrowed for 'a; the VMM makes no
         // Rust reference into guest memory (vm-memory's accessors are volatile copies).
-        runs.push(unsafe { B::from_guest(ptr, len) });
+        runs.push(unsafe { B::from_guest(vs.ptr_guard_mut().as_ptr(), len) });
+        last = Some((seg.addr.0, len));
     }
     Some(runs)
 }
@@ -254,5 +241,43 @@ pub async fn serve(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Segments that continue each other in guest memory become one descriptor, others
+    /// stay apart; data copied through the descriptors lands where the guest put its
+    /// buffers; a segment outside memory refuses the request.
+    #[test]
+    fn guest_runs_merge_contiguous_segments() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let seg = |addr, len| Segment {
+            addr: GuestAddress(addr),
+            len,
+        };
+        let segs = [
+            seg(0x1000, 0x200),
+            seg(0x1200, 0x600),
+            seg(0x3000, 0x100),
+            seg(0x3100, 0),
+        ];
+        let runs: Vec<IoBufMut> = guest_runs(&mem, &segs).unwrap();
+        assert_eq!(
+            runs.iter().map(|r| r.len()).collect::<Vec<_>>(),
+            [0x800, 0x100]
+        );
+        let data: Vec<u8> = (0..0x900).map(|i| (i % 253) as u8).collect();
+        rqemu_block::iov::scatter(&runs, &data);
+        let mut back = vec![0u8; 0x800];
+        mem.read_slice(&mut back, GuestAddress(0x1000)).unwrap();
+        assert!(back[..] == data[..0x800]);
+        let mut back = vec![0u8; 0x100];
+        mem.read_slice(&mut back, GuestAddress(0x3000)).unwrap();
+        assert!(back[..] == data[0x800..]);
+        let bad = [seg(0x1000, 0x200), seg(0xff00, 0x200)];
+        assert!(guest_runs::<IoBuf>(&mem, &bad).is_none());
     }
 }
