@@ -3,7 +3,9 @@
 //! A block graph is built from nodes ([`NodeRef`]): a format node (qcow2, raw) sits on a
 //! protocol node (file) through its `file` child and may have a `backing` node. All data
 //! operations are async and take byte offsets and lengths; a node serves many requests at
-//! once. Drivers that cannot do something return [`Error::Unsupported`].
+//! once. Drivers that cannot do something return [`Error::Unsupported`]. Vectored
+//! requests carry raw buffer descriptors ([`crate::iov`]), never slices, so that guest
+//! memory can be read into and written from without being borrowed by Rust code.
 
 use std::any::Any;
 use std::sync::Arc;

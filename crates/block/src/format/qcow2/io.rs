@@ -520,7 +520,8 @@ mod tests {
 
     /// Raw buffers over an overlay: allocated clusters, clusters allocated by the
     /// writes (with copy-on-write from the backing file around them), unallocated
-    /// ranges read from a backing file shorter than the overlay, and zero clusters.
+    /// ranges read from a backing file shorter than the overlay, zero clusters and a
+    /// compressed cluster.
     #[test]
     fn raw_buffers_split_by_cluster_mapping() {
         block_on(async {
@@ -549,6 +550,10 @@ mod tests {
             t.write_zeroes(655_360, 65_536, false)
                 .await
                 .expect("zero cluster");
+            let pattern: Vec<u8> = (0..65_536).map(|i| (i / 100) as u8).collect();
+            t.write_compressed(327_680, &pattern)
+                .await
+                .expect("compressed cluster");
             check_raw_path(&t).await;
             t.close().await.expect("close top");
         });
