@@ -5,6 +5,7 @@
 
 use rqemu::{require_qemu, run_ok};
 use rqemu_block::buffer::AlignedBuf;
+use rqemu_block::iov::{IoBuf, IoBufMut};
 use rqemu_block::{AioMode, BlockBackend, CacheMode, OpenOptions};
 
 fn open(rt: &tokio::runtime::Runtime, img: &str, cache: &str, aio: AioMode) -> BlockBackend {
@@ -19,12 +20,12 @@ fn open(rt: &tokio::runtime::Runtime, img: &str, cache: &str, aio: AioMode) -> B
 }
 
 /// Pieces of `buf` (one aligned allocation) of the given lengths, in order.
-fn pieces<'a>(buf: &'a mut [u8], lens: &[usize]) -> Vec<&'a mut [u8]> {
+fn pieces<'a>(buf: &'a mut [u8], lens: &[usize]) -> Vec<IoBufMut<'a>> {
     let mut out = Vec::new();
     let mut rest = buf;
     for &n in lens {
         let (a, b) = rest.split_at_mut(n);
-        out.push(a);
+        out.push(IoBufMut::new(a));
         rest = b;
     }
     out
@@ -51,8 +52,8 @@ fn check(img: &str, len: usize) {
                     let mut buf = AlignedBuf::io(total + 4096);
                     // Offset by a page so the first piece is aligned but not the start
                     // of the allocation.
-                    let mut v = pieces(&mut buf[4096..], lens);
-                    rt.block_on(b.readv(at, &mut v)).unwrap();
+                    let v = pieces(&mut buf[4096..], lens);
+                    rt.block_on(b.readv(at, &v)).unwrap();
                     let at = at as usize;
                     assert!(
                         buf[4096..] == whole[at..at + total],
@@ -65,7 +66,10 @@ fn check(img: &str, len: usize) {
             for (i, x) in src.iter_mut().enumerate() {
                 *x = (i * 7 + 3) as u8;
             }
-            let parts: Vec<&[u8]> = src[..4096 + 512 + 61440].chunks(4096).collect::<Vec<_>>();
+            let parts: Vec<IoBuf> = src[..4096 + 512 + 61440]
+                .chunks(4096)
+                .map(IoBuf::new)
+                .collect();
             let n: usize = parts.iter().map(|p| p.len()).sum();
             rt.block_on(b.writev(2 << 20, &parts, true)).unwrap();
             let mut back = vec![0u8; n];

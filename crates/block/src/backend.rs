@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::iov::{IoBuf, IoBufMut};
 use crate::node::{BlockStatus, NodeRef, Prealloc, WriteFlags};
 use crate::options::{CacheMode, DetectZeroes, DiscardMode};
 
@@ -143,9 +144,10 @@ impl BlockBackend {
         self.root.write(offset, buf, flags).await
     }
 
-    /// Reads into the buffers of `bufs` in turn, as one request at `offset`.
-    pub async fn readv(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
-        let len = crate::iov::len_mut(bufs) as u64;
+    /// Reads into the raw buffers of `bufs` in turn, as one request at `offset` (see
+    /// [`crate::iov`] for the buffers' contract).
+    pub async fn readv(&self, offset: u64, bufs: &[IoBufMut<'_>]) -> Result<()> {
+        let len = crate::iov::len(bufs) as u64;
         self.check_request(offset, len)?;
         if len == 0 {
             return Ok(());
@@ -153,9 +155,9 @@ impl BlockBackend {
         self.root.readv(offset, bufs).await
     }
 
-    /// Writes the buffers of `bufs` in turn, as one request at `offset`; `fua` makes it
-    /// durable before completion.
-    pub async fn writev(&self, offset: u64, bufs: &[&[u8]], fua: bool) -> Result<()> {
+    /// Writes the raw buffers of `bufs` in turn, as one request at `offset`; `fua` makes
+    /// it durable before completion. Zero detection looks at private copies of the data.
+    pub async fn writev(&self, offset: u64, bufs: &[IoBuf<'_>], fua: bool) -> Result<()> {
         self.check_writable()?;
         let len = crate::iov::len(bufs) as u64;
         self.check_request(offset, len)?;
@@ -166,7 +168,7 @@ impl BlockBackend {
             fua,
             ..WriteFlags::NONE
         });
-        if self.state.detect_zeroes != DetectZeroes::Off && bufs.iter().all(|b| is_zero(b)) {
+        if self.state.detect_zeroes != DetectZeroes::Off && crate::iov::is_zero(bufs) {
             flags.may_unmap = self.state.detect_zeroes == DetectZeroes::Unmap
                 && self.state.discard == DiscardMode::Unmap;
             return self.root.write_zeroes(offset, len, flags).await;

@@ -3,7 +3,9 @@
 //! A block graph is built from nodes ([`NodeRef`]): a format node (qcow2, raw) sits on a
 //! protocol node (file) through its `file` child and may have a `backing` node. All data
 //! operations are async and take byte offsets and lengths; a node serves many requests at
-//! once. Drivers that cannot do something return [`Error::Unsupported`].
+//! once. Drivers that cannot do something return [`Error::Unsupported`]. Vectored
+//! requests carry raw buffer descriptors ([`crate::iov`]), never slices, so that guest
+//! memory can be read into and written from without being borrowed by Rust code.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use async_trait::async_trait;
 use crate::error::{Error, Result};
 pub use crate::filter::blkdebug::Event as DebugEvent;
 use crate::info::{CheckReport, FormatInfo, RepairMode, SnapshotInfo};
+pub use crate::iov::{IoBuf, IoBufMut};
 
 /// A shared handle to a node of the graph.
 pub type NodeRef = Arc<dyn BlockDriver>;
@@ -284,49 +287,19 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// Writes `buf` at `offset`.
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()>;
 
-    /// Reads into the buffers of `bufs` in turn, as one request at `offset` (a vectored
-    /// read: QEMU's `preadv`). Drivers that can pass vectors down override this; the
-    /// default reads through a bounce buffer of at most [`crate::iov::BOUNCE_BYTES`].
-    async fn readv(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
-        match bufs {
-            [] => Ok(()),
-            [one] => self.read(offset, one).await,
-            _ => {
-                let total = crate::iov::len_mut(bufs);
-                let mut bounce = vec![0u8; total.min(crate::iov::BOUNCE_BYTES)];
-                let mut done = 0;
-                while done < total {
-                    let n = (total - done).min(bounce.len());
-                    self.read(offset + done as u64, &mut bounce[..n]).await?;
-                    crate::iov::scatter(&mut crate::iov::sub_mut(bufs, done, n), &bounce[..n]);
-                    done += n;
-                }
-                Ok(())
-            }
-        }
+    /// Reads into the raw buffers of `bufs` in turn, as one request at `offset` (a
+    /// vectored read: QEMU's `preadv`; see [`crate::iov`] for the buffers' contract).
+    /// Drivers that can pass vectors down override this; the default reads through a
+    /// private bounce buffer of at most [`crate::iov::BOUNCE_BYTES`] ([`readv_bounced`]).
+    async fn readv(&self, offset: u64, bufs: &[IoBufMut<'_>]) -> Result<()> {
+        readv_bounced(self, offset, bufs).await
     }
 
-    /// Writes the buffers of `bufs` in turn, as one request at `offset` (a vectored
-    /// write). The default gathers them into a bounce buffer of at most
-    /// [`crate::iov::BOUNCE_BYTES`] and writes that, piece by piece.
-    async fn writev(&self, offset: u64, bufs: &[&[u8]], flags: WriteFlags) -> Result<()> {
-        match bufs {
-            [] => Ok(()),
-            [one] => self.write(offset, one, flags).await,
-            _ => {
-                let total = crate::iov::len(bufs);
-                let mut bounce = vec![0u8; total.min(crate::iov::BOUNCE_BYTES)];
-                let mut done = 0;
-                while done < total {
-                    let n = (total - done).min(bounce.len());
-                    crate::iov::gather(&crate::iov::sub(bufs, done, n), &mut bounce[..n]);
-                    self.write(offset + done as u64, &bounce[..n], flags)
-                        .await?;
-                    done += n;
-                }
-                Ok(())
-            }
-        }
+    /// Writes the raw buffers of `bufs` in turn, as one request at `offset` (a vectored
+    /// write). The default copies them into a private bounce buffer of at most
+    /// [`crate::iov::BOUNCE_BYTES`] and writes that, piece by piece ([`writev_bounced`]).
+    async fn writev(&self, offset: u64, bufs: &[IoBuf<'_>], flags: WriteFlags) -> Result<()> {
+        writev_bounced(self, offset, bufs, flags).await
     }
 
     /// Writes `len` zero bytes at `offset`, deallocating if `flags.may_unmap` allows.
@@ -424,5 +397,80 @@ pub trait BlockDriver: Send + Sync + 'static {
         Err(Error::unsupported(
             "This image format does not support checks",
         ))
+    }
+}
+
+/// A vectored read served by plain reads of `node` into a private bounce buffer (at most
+/// [`crate::iov::BOUNCE_BYTES`] at a time), copied out to `bufs`: what drivers that
+/// cannot pass raw buffers down do.
+pub async fn readv_bounced<D: BlockDriver + ?Sized>(
+    node: &D,
+    offset: u64,
+    bufs: &[IoBufMut<'_>],
+) -> Result<()> {
+    let total = crate::iov::len(bufs);
+    if total == 0 {
+        return Ok(());
+    }
+    let mut bounce = vec![0u8; total.min(crate::iov::BOUNCE_BYTES)];
+    let mut done = 0;
+    while done < total {
+        let n = (total - done).min(bounce.len());
+        node.read(offset + done as u64, &mut bounce[..n]).await?;
+        crate::iov::scatter(&crate::iov::sub(bufs, done, n), &bounce[..n]);
+        done += n;
+    }
+    Ok(())
+}
+
+/// A vectored write served by plain writes to `node` from a private bounce buffer (at
+/// most [`crate::iov::BOUNCE_BYTES`] at a time) that `bufs` are copied into.
+pub async fn writev_bounced<D: BlockDriver + ?Sized>(
+    node: &D,
+    offset: u64,
+    bufs: &[IoBuf<'_>],
+    flags: WriteFlags,
+) -> Result<()> {
+    let total = crate::iov::len(bufs);
+    if total == 0 {
+        return Ok(());
+    }
+    let mut bounce = vec![0u8; total.min(crate::iov::BOUNCE_BYTES)];
+    let mut done = 0;
+    while done < total {
+        let n = (total - done).min(bounce.len());
+        crate::iov::gather(&crate::iov::sub(bufs, done, n), &mut bounce[..n]);
+        node.write(offset + done as u64, &bounce[..n], flags)
+            .await?;
+        done += n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::mem::MemNode;
+    use crate::test_util::{block_on, Mapping};
+
+    /// A driver without a raw path of its own (the memory node) serves raw buffers
+    /// through the bounded bounce, in several rounds for a request longer than it.
+    #[test]
+    fn default_raw_path_bounces() {
+        let len = crate::iov::BOUNCE_BYTES * 2 + 12345;
+        let data: Vec<u8> = (0..len + 4096).map(|i| (i * 31 + 7) as u8).collect();
+        let node = MemNode::new(data.clone(), false);
+        let mem = Mapping::new(len);
+        let bufs = [mem.buf(0, 333), mem.buf(333, len - 333)];
+        block_on(node.readv(4096, &bufs)).expect("readv");
+        assert!(mem.copy(0, len) == data[4096..4096 + len]);
+
+        let pattern: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        mem.buf(0, len).copy_from(0, &pattern);
+        let w = crate::iov::readable(&bufs);
+        block_on(node.writev(1000, &w, WriteFlags::NONE)).expect("writev");
+        let after = node.contents();
+        assert!(after[1000..1000 + len] == pattern[..]);
+        assert!(after[..1000] == data[..1000]);
     }
 }

@@ -274,3 +274,31 @@ pub async fn create(filename: &str, o: &CreateOptions) -> Result<()> {
     }
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::test_util::{block_on, check_raw_path, create, open, TempPath};
+
+    /// Raw buffers on a LUKS volume go through the bounded bounce: decrypted and
+    /// encrypted in private buffers only.
+    #[test]
+    fn raw_buffers_on_a_luks_volume() {
+        crate::crypto::secret::define("rawpath-luks-sec", b"rawpath".to_vec());
+        block_on(async {
+            let p = TempPath::new("rawpath.luks");
+            create(
+                &p.0,
+                "luks",
+                &[
+                    ("size", "1M"),
+                    ("key-secret", "rawpath-luks-sec"),
+                    ("iter-time", "10"),
+                ],
+            )
+            .await;
+            let b = open(&p.0, "key-secret=rawpath-luks-sec").await;
+            check_raw_path(&b).await;
+            b.close().await.expect("close");
+        });
+    }
+}

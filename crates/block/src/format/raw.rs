@@ -12,7 +12,8 @@ use async_trait::async_trait;
 
 use crate::error::{Error, Result};
 use crate::node::{
-    BlockDriver, BlockStatus, ChildRole, DebugEvent, HostMapping, NodeRef, Prealloc, WriteFlags,
+    BlockDriver, BlockStatus, ChildRole, DebugEvent, HostMapping, IoBuf, IoBufMut, NodeRef,
+    Prealloc, WriteFlags,
 };
 
 /// Bytes at the start of an image that format probing looks at.
@@ -150,12 +151,12 @@ impl BlockDriver for RawNode {
         self.file.write(self.offset + offset, buf, flags).await
     }
 
-    async fn readv(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
-        self.within_size(offset, crate::iov::len_mut(bufs) as u64, false)?;
+    async fn readv(&self, offset: u64, bufs: &[IoBufMut<'_>]) -> Result<()> {
+        self.within_size(offset, crate::iov::len(bufs) as u64, false)?;
         self.file.readv(self.offset + offset, bufs).await
     }
 
-    async fn writev(&self, offset: u64, bufs: &[&[u8]], flags: WriteFlags) -> Result<()> {
+    async fn writev(&self, offset: u64, bufs: &[IoBuf<'_>], flags: WriteFlags) -> Result<()> {
         self.within_size(offset, crate::iov::len(bufs) as u64, true)?;
         if self.probed && offset < PROBE_BYTES as u64 {
             let head = crate::iov::sub(bufs, 0, PROBE_BYTES - offset as usize);
@@ -228,4 +229,21 @@ pub async fn create(filename: &str, o: &crate::create::CreateOptions) -> Result<
     let r = file.truncate(size, false, prealloc).await;
     let _ = file.close().await;
     r
+}
+
+#[cfg(test)]
+mod raw_path_tests {
+    use crate::test_util::{block_on, check_raw_path, create, open, TempPath};
+
+    /// Raw buffers pass through the raw format to the file unchanged.
+    #[test]
+    fn raw_buffers_pass_through() {
+        block_on(async {
+            let p = TempPath::new("rawpath.raw");
+            create(&p.0, "raw", &[("size", "1M")]).await;
+            let b = open(&p.0, "").await;
+            check_raw_path(&b).await;
+            b.close().await.expect("close");
+        });
+    }
 }

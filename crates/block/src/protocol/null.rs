@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use rqemu_opts::KeyVal;
 
 use crate::error::{Error, Result};
-use crate::node::{BlockDriver, BlockStatus, HostMapping, Prealloc, WriteFlags};
+use crate::node::{BlockDriver, BlockStatus, HostMapping, IoBuf, IoBufMut, Prealloc, WriteFlags};
 
 /// QEMU's default size for null devices (1 GiB).
 const DEFAULT_SIZE: u64 = 1 << 30;
@@ -80,6 +80,15 @@ impl BlockDriver for NullNode {
     }
 
     async fn write(&self, _offset: u64, _buf: &[u8], _flags: WriteFlags) -> Result<()> {
+        Ok(())
+    }
+
+    async fn readv(&self, _offset: u64, bufs: &[IoBufMut<'_>]) -> Result<()> {
+        crate::iov::fill(bufs, 0);
+        Ok(())
+    }
+
+    async fn writev(&self, _offset: u64, _bufs: &[IoBuf<'_>], _flags: WriteFlags) -> Result<()> {
         Ok(())
     }
 

@@ -360,3 +360,32 @@ pub fn json_filename(
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::test_util::{block_on, check_raw_path, create, open, TempPath};
+
+    /// Raw buffers on an encrypted qcow2 image: data is encrypted and decrypted in
+    /// private buffers and copied to and from the raw ones.
+    #[test]
+    fn raw_buffers_on_an_encrypted_image() {
+        crate::crypto::secret::define("rawpath-qcow2-sec", b"rawpath".to_vec());
+        block_on(async {
+            let p = TempPath::new("rawpath-luks.qcow2");
+            create(
+                &p.0,
+                "qcow2",
+                &[
+                    ("size", "1M"),
+                    ("encrypt.format", "luks"),
+                    ("encrypt.key-secret", "rawpath-qcow2-sec"),
+                    ("encrypt.iter-time", "10"),
+                ],
+            )
+            .await;
+            let b = open(&p.0, "encrypt.key-secret=rawpath-qcow2-sec").await;
+            check_raw_path(&b).await;
+            b.close().await.expect("close");
+        });
+    }
+}

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::buffer::AlignedBuf;
 use crate::error::{Error, Result};
+use crate::iov::{self, IoBuf, IoBufMut};
 use crate::node::{BlockDriver, DebugEvent};
 use crate::node::{Prealloc, WriteFlags};
 
@@ -50,11 +51,13 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Vectored guest read: ranges stored in data clusters go to the data file as
-    /// sub-vectors of `bufs` (one vectored request per contiguous host range); the rest
-    /// (backing, zero, compressed) takes the plain path piece by piece.
-    pub(super) async fn readv_guest(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
-        let total = crate::iov::len_mut(bufs);
+    /// Vectored guest read into raw buffers: ranges stored in data clusters go to the
+    /// data file as sub-vectors of `bufs` (one vectored request per contiguous host
+    /// range), unallocated ranges to the backing node the same way; zero ranges are
+    /// filled, compressed clusters copied out of their decompressed form, and encrypted
+    /// data decrypted in a private buffer and then copied out.
+    pub(super) async fn readv_guest(&self, offset: u64, bufs: &[IoBufMut<'_>]) -> Result<()> {
+        let total = iov::len(bufs);
         let mut done = 0usize;
         while done < total {
             let pos = offset + done as u64;
@@ -65,24 +68,45 @@ impl Qcow2 {
                 self.with_meta(&mut m, r).await?
             };
             let n = mapping.len.min(want) as usize;
-            let mut sub = crate::iov::sub_mut(bufs, done, n);
+            let sub = iov::sub(bufs, done, n);
             match mapping.ty {
-                // Encrypted data is decrypted piece by piece below.
                 ScType::Normal if !self.is_encrypted() => {
                     self.file.debug_event(DebugEvent::ReadAio).await;
-                    self.data().readv(mapping.host, &mut sub).await?
+                    self.data().readv(mapping.host, &sub).await?
                 }
-                ScType::ZeroPlain | ScType::ZeroAlloc => crate::iov::fill(&mut sub, 0),
+                ScType::UnallocatedPlain | ScType::UnallocatedAlloc => {
+                    self.readv_backing(pos, &sub).await?
+                }
+                ScType::ZeroPlain | ScType::ZeroAlloc => iov::fill(&sub, 0),
+                ScType::Compressed => {
+                    let data = self.decompress_cluster(mapping.entry).await?;
+                    let from = self.geo.offset_in_cluster(pos) as usize;
+                    iov::scatter(&sub, &data[from..from + n]);
+                }
                 ScType::Invalid => return Err(Error::errno(libc::EIO)),
-                _ => {
-                    let mut at = pos;
-                    for piece in sub.iter_mut() {
-                        self.read_guest(at, piece).await?;
-                        at += piece.len() as u64;
-                    }
-                }
+                // Encrypted data: decrypted in a private buffer, then copied out.
+                ScType::Normal => crate::node::readv_bounced(self, pos, &sub).await?,
             }
             done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads unallocated ranges from the backing node (zeroes past its end, or without
+    /// one) straight into the request's buffers.
+    async fn readv_backing(&self, pos: u64, bufs: &[IoBufMut<'_>]) -> Result<()> {
+        let Some(b) = self.backing_node() else {
+            iov::fill(bufs, 0);
+            return Ok(());
+        };
+        self.file.debug_event(DebugEvent::ReadBackingAio).await;
+        let n = iov::len(bufs);
+        let avail = b.size().saturating_sub(pos).min(n as u64) as usize;
+        if avail > 0 {
+            b.readv(pos, &iov::sub(bufs, 0, avail)).await?;
+        }
+        if avail < n {
+            iov::fill(&iov::sub(bufs, avail, n - avail), 0);
         }
         Ok(())
     }
@@ -161,6 +185,67 @@ impl Qcow2 {
             done += bytes as usize;
         }
         Ok(())
+    }
+
+    /// Vectored guest write from raw buffers to an unencrypted image whose data does not
+    /// go to a raw external data file: each allocated or newly allocated host range
+    /// takes its sub-vector of `bufs` in one vectored write, with the copy-on-write
+    /// regions around it as private buffers in the same write where QEMU merges them.
+    pub(super) async fn writev_guest(&self, offset: u64, bufs: &[IoBuf<'_>]) -> Result<()> {
+        let total = iov::len(bufs);
+        let mut done = 0usize;
+        while done < total {
+            let pos = offset + done as u64;
+            let want = (total - done) as u64;
+            let (host, bytes, metas) = self.reserve(pos, want).await?;
+            let data = iov::sub(bufs, done, bytes as usize);
+            let res = self.writev_with_cow(pos, &data, host, &metas).await;
+            self.finish(&metas, res).await?;
+            done += bytes as usize;
+        }
+        Ok(())
+    }
+
+    /// [`Self::write_with_cow`] for raw buffers of an unencrypted image.
+    async fn writev_with_cow(
+        &self,
+        pos: u64,
+        data: &[IoBuf<'_>],
+        host: u64,
+        metas: &[L2Meta],
+    ) -> Result<()> {
+        let len = iov::len(data) as u64;
+        if let [m] = metas {
+            let data_start = m.offset + m.cow_start.offset + m.cow_start.bytes;
+            let data_end = m.offset + m.cow_end.offset;
+            if data_start == pos && data_end == pos + len {
+                if m.cow_start.bytes == 0 && m.cow_end.bytes == 0 {
+                    self.file.debug_event(DebugEvent::WriteAio).await;
+                    return self.data().writev(host, data, WriteFlags::NONE).await;
+                }
+                let head = m.cow_start.bytes as usize;
+                let mut cow = AlignedBuf::io(head + m.cow_end.bytes as usize);
+                let (h, t) = cow.split_at_mut(head);
+                self.read_guest(m.offset + m.cow_start.offset, h).await?;
+                self.read_guest(m.offset + m.cow_end.offset, t).await?;
+                let mut v = Vec::with_capacity(data.len() + 2);
+                if !h.is_empty() {
+                    v.push(IoBuf::new(h));
+                }
+                v.extend_from_slice(data);
+                if !t.is_empty() {
+                    v.push(IoBuf::new(t));
+                }
+                self.file.debug_event(DebugEvent::WriteAio).await;
+                return self
+                    .data()
+                    .writev(m.alloc_offset + m.cow_start.offset, &v, WriteFlags::NONE)
+                    .await;
+            }
+        }
+        self.file.debug_event(DebugEvent::WriteAio).await;
+        self.data().writev(host, data, WriteFlags::NONE).await?;
+        self.write_cow(pos, metas).await
     }
 
     /// Finds the host range for a write, waiting for overlapping allocations.
@@ -426,5 +511,51 @@ impl Qcow2 {
         drop(m);
         self.alloc_done.notify_waiters();
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_util::{block_on, check_raw_path, create, open, TempPath};
+
+    /// Raw buffers over an overlay: allocated clusters, clusters allocated by the
+    /// writes (with copy-on-write from the backing file around them), unallocated
+    /// ranges read from a backing file shorter than the overlay, zero clusters and a
+    /// compressed cluster.
+    #[test]
+    fn raw_buffers_split_by_cluster_mapping() {
+        block_on(async {
+            let base = TempPath::new("rawpath-base.qcow2");
+            let top = TempPath::new("rawpath-top.qcow2");
+            create(&base.0, "qcow2", &[("size", "512K")]).await;
+            let b = open(&base.0, "").await;
+            b.write(1000, &vec![0x5a; 300_000], false)
+                .await
+                .expect("write base");
+            b.close().await.expect("close base");
+            create(
+                &top.0,
+                "qcow2",
+                &[
+                    ("size", "1M"),
+                    ("backing_file", &base.0),
+                    ("backing_fmt", "qcow2"),
+                ],
+            )
+            .await;
+            let t = open(&top.0, "").await;
+            t.write(200_000, &vec![0x17; 70_000], false)
+                .await
+                .expect("write top");
+            t.write_zeroes(655_360, 65_536, false)
+                .await
+                .expect("zero cluster");
+            let pattern: Vec<u8> = (0..65_536).map(|i| (i / 100) as u8).collect();
+            t.write_compressed(327_680, &pattern)
+                .await
+                .expect("compressed cluster");
+            check_raw_path(&t).await;
+            t.close().await.expect("close top");
+        });
     }
 }

@@ -50,7 +50,8 @@ use tokio::sync::{Mutex, Notify};
 use crate::error::{Error, Result};
 use crate::info::{CheckReport, FormatInfo, RepairMode, SnapshotInfo};
 use crate::node::{
-    BlockDriver, BlockStatus, ChildRole, DebugEvent, HostMapping, NodeRef, Prealloc, WriteFlags,
+    BlockDriver, BlockStatus, ChildRole, DebugEvent, HostMapping, IoBuf, IoBufMut, NodeRef,
+    Prealloc, WriteFlags,
 };
 
 use meta::Meta;
@@ -324,9 +325,25 @@ impl BlockDriver for Qcow2 {
         self.read_guest(offset, buf).await
     }
 
-    async fn readv(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+    async fn readv(&self, offset: u64, bufs: &[IoBufMut<'_>]) -> Result<()> {
         self.check_alive()?;
         self.readv_guest(offset, bufs).await
+    }
+
+    async fn writev(&self, offset: u64, bufs: &[IoBuf<'_>], flags: WriteFlags) -> Result<()> {
+        if self.is_encrypted() || self.data_file_raw {
+            // Encryption works on a private copy, and a raw data file takes the data
+            // twice: both go through a bounce buffer.
+            return crate::node::writev_bounced(self, offset, bufs, flags).await;
+        }
+        self.check_writable()?;
+        let r = self.writev_guest(offset, bufs).await;
+        self.track_write(offset, crate::iov::len(bufs) as u64);
+        r?;
+        if flags.fua {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {

@@ -9,6 +9,7 @@ use std::os::fd::RawFd;
 
 use crate::buffer::{AlignedBuf, IO_ALIGN};
 use crate::error::Result;
+use crate::iov::{IoBuf, IoBufMut};
 use crate::node::Alignment;
 
 use super::FileNode;
@@ -41,17 +42,17 @@ fn covering(node: &FileNode, offset: u64, len: usize) -> (u64, usize) {
 }
 
 /// Reads through an aligned bounce buffer.
-pub(super) async fn read_unaligned(node: &FileNode, offset: u64, buf: &mut [u8]) -> Result<()> {
+pub(super) async fn read_unaligned(node: &FileNode, offset: u64, buf: IoBufMut<'_>) -> Result<()> {
     let (start, len) = covering(node, offset, buf.len());
     let mut bounce = AlignedBuf::io(len);
-    node.pread_full(start, &mut bounce).await?;
+    node.pread_full(start, IoBufMut::new(&mut bounce)).await?;
     let skip = (offset - start) as usize;
-    buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
+    buf.copy_from(0, &bounce[skip..skip + buf.len()]);
     Ok(())
 }
 
 /// Writes through an aligned bounce buffer, reading partial head and tail blocks first.
-pub(super) async fn write_unaligned(node: &FileNode, offset: u64, buf: &[u8]) -> Result<()> {
+pub(super) async fn write_unaligned(node: &FileNode, offset: u64, buf: IoBuf<'_>) -> Result<()> {
     let (start, len) = covering(node, offset, buf.len());
     let skip = (offset - start) as usize;
     let mut bounce = AlignedBuf::io(len);
@@ -60,20 +61,22 @@ pub(super) async fn write_unaligned(node: &FileNode, offset: u64, buf: &[u8]) ->
         let g = node.rmw.write().await;
         let a = node.align.request as usize;
         if skip != 0 {
-            node.pread_full(start, &mut bounce[..a]).await?;
+            node.pread_full(start, IoBufMut::new(&mut bounce[..a]))
+                .await?;
         }
         let tail = start + (len - a) as u64;
         if !(skip + buf.len()).is_multiple_of(a) && (len > a || skip == 0) {
-            node.pread_full(tail, &mut bounce[len - a..]).await?;
+            node.pread_full(tail, IoBufMut::new(&mut bounce[len - a..]))
+                .await?;
         }
         Guard::Exclusive(g)
     } else {
         Guard::Shared(node.rmw.read().await)
     };
-    bounce[skip..skip + buf.len()].copy_from_slice(buf);
+    buf.copy_to(0, &mut bounce[skip..skip + buf.len()]);
     // Like QEMU, a write that ends inside the file's last block grows the file to the
     // block's end.
-    node.pwrite_full(start, &bounce).await
+    node.pwrite_full(start, IoBuf::new(&bounce)).await
 }
 
 /// Keeps the `rmw` lock held for the duration of the write.

@@ -1,16 +1,19 @@
 //! Asynchronous submission of file system calls, shared by the two engines
 //! ([`super::threads`] and [`super::uring`]).
 //!
-//! An operation is submitted when it is created and completes an [`IoFuture`]. The
-//! operation holds raw pointers into the caller's buffer; the rule that keeps this sound is
-//! that an `IoFuture` never lets go of an operation still in flight: dropping it before
-//! completion blocks until the worker or the kernel has finished with the buffer. The
-//! future borrows the buffer for its whole life (`IoFuture<'a>`), so the buffer outlives
-//! every access. (Leaking a pending future with `mem::forget` would break this; nothing
-//! in rqemu does, and the type is private to the file protocol.)
+//! An operation is submitted when it is created and completes an [`IoFuture`]. A read or
+//! write operation holds raw pointers: to an iovec array and, through it, to the
+//! request's buffers. Nothing in the types ties those to the future, so submitting is
+//! `unsafe` ([`Engine::submit`]): the caller promises that the array and the buffers stay
+//! valid until the future has completed or been dropped. Dropping an `IoFuture` whose
+//! operation is still in flight does not cancel it: the drop blocks until the worker or
+//! the kernel has finished with the buffers, so ending a request early (a dropped
+//! request future) never leaves the kernel writing into memory that has been handed
+//! back. What would break the promise is leaking a pending future (`mem::forget`, or a
+//! leaked future that owns it) while its buffers are reused; nothing in rqemu does, and
+//! the type is private to the file protocol.
 
 use std::future::Future;
-use std::marker::PhantomData;
 use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex};
@@ -37,16 +40,23 @@ pub(crate) enum Op {
     Fallocate { mode: i32, offset: u64, len: u64 },
 }
 
-// SAFETY: the pointers in an Op are only dereferenced by the engine while the IoFuture that
-// borrows the buffer is alive (see the module documentation).
+// SAFETY: the pointers in an Op are only dereferenced by the engine while the operation
+// is in flight, which the submitter keeps the memory valid for (Engine::submit's
+// contract), from whichever thread runs it.
 unsafe impl Send for Op {}
 
 impl Op {
     /// Runs the call on the current thread; returns the result or `-errno`.
-    pub(crate) fn run_blocking(&self, fd: RawFd) -> isize {
+    ///
+    /// # Safety
+    ///
+    /// For `Readv`/`Writev`, the iovec array and every buffer it describes must be valid
+    /// for the call (for a read: writable, and reachable through no Rust reference), as
+    /// [`Engine::submit`] requires.
+    pub(crate) unsafe fn run_blocking(&self, fd: RawFd) -> isize {
         // SAFETY: for Readv/Writev the iovec array and every buffer it points at are
-        // borrowed by the IoFuture for this operation, alive until the operation
-        // completes; the other calls take no pointers.
+        // valid until the operation completes (this function's contract); the other
+        // calls take no pointers.
         let ret = unsafe {
             match *self {
                 Op::Readv { iov, cnt, offset } => {
@@ -112,23 +122,23 @@ impl Slot {
 }
 
 /// The future of one submitted operation; resolves to the call's result or `-errno`.
-pub(crate) struct IoFuture<'a> {
+/// Dropped before completion, it waits for the operation to finish (see the module
+/// documentation).
+pub(crate) struct IoFuture {
     slot: Arc<Slot>,
     finished: bool,
-    _buffer: PhantomData<&'a mut [u8]>,
 }
 
-impl<'a> IoFuture<'a> {
+impl IoFuture {
     pub(crate) fn new(slot: Arc<Slot>) -> Self {
         IoFuture {
             slot,
             finished: false,
-            _buffer: PhantomData,
         }
     }
 }
 
-impl Future for IoFuture<'_> {
+impl Future for IoFuture {
     type Output = isize;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<isize> {
@@ -148,7 +158,8 @@ impl Future for IoFuture<'_> {
     }
 }
 
-impl Drop for IoFuture<'_> {
+impl Drop for IoFuture {
+    /// Blocks until an operation still in flight has finished with its buffers.
     fn drop(&mut self) {
         if self.finished {
             return;
@@ -167,5 +178,15 @@ impl Drop for IoFuture<'_> {
 /// An engine runs operations asynchronously.
 pub(crate) trait Engine: Send + Sync {
     /// Starts `op` on `fd`; the returned future resolves when it has finished.
-    fn submit<'a>(&self, fd: RawFd, op: Op) -> IoFuture<'a>;
+    ///
+    /// # Safety
+    ///
+    /// For `Op::Readv`/`Op::Writev`: the iovec array and every buffer it describes must
+    /// stay allocated until the returned future has completed or been dropped (its drop
+    /// waits for the operation), and must not be accessed through Rust references
+    /// meanwhile (for a write's buffers, shared reads are fine); buffers are only
+    /// changed by others as the raw buffer contract of [`crate::iov`] allows. The
+    /// future must not be leaked while the operation is in flight. `Fdatasync` and
+    /// `Fallocate` carry no pointers and have no requirement.
+    unsafe fn submit(&self, fd: RawFd, op: Op) -> IoFuture;
 }

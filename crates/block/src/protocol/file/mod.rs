@@ -31,8 +31,9 @@ use crate::node::{Alignment, BlockDriver, BlockStatus, HostMapping, Prealloc, Wr
 use crate::options::{AioMode, CacheMode};
 use crate::perm::PermRequest;
 
+use crate::iov::{IoBuf, IoBufMut};
 use engine::{Engine, IoFuture, Op};
-use vectored::{iovec, Dir, IoVecs};
+use vectored::IoVecs;
 
 /// How to open a file node.
 #[derive(Debug, Clone)]
@@ -60,10 +61,18 @@ enum EngineKind {
 }
 
 impl EngineKind {
-    fn submit<'a>(&self, fd: RawFd, op: Op) -> IoFuture<'a> {
-        match self {
-            EngineKind::Threads(p) => p.submit(fd, op),
-            EngineKind::Uring(u) => u.submit(fd, op),
+    /// Submits to the engine the node uses.
+    ///
+    /// # Safety
+    ///
+    /// As [`Engine::submit`].
+    unsafe fn submit(&self, fd: RawFd, op: Op) -> IoFuture {
+        // SAFETY: the caller keeps Engine::submit's contract.
+        unsafe {
+            match self {
+                EngineKind::Threads(p) => p.submit(fd, op),
+                EngineKind::Uring(u) => u.submit(fd, op),
+            }
         }
     }
 }
@@ -227,10 +236,10 @@ impl FileNode {
     /// Large buffered requests are split in two and handed to the engine at once, so
     /// that the copy between page cache and memory (most of their cost) runs on two
     /// cores; small ones first try the inline `RWF_NOWAIT` path.
-    async fn pread_full(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    async fn pread_full(&self, offset: u64, buf: IoBufMut<'_>) -> Result<()> {
         if !self.direct && buf.len() >= SPLIT_BYTES {
             let half = (buf.len() / 2).next_multiple_of(SPLIT_ALIGN);
-            let (a, b) = buf.split_at_mut(half);
+            let (a, b) = (buf.range(0, half), buf.range(half, buf.len() - half));
             let (ra, rb) = futures::join!(
                 self.pread_part(offset, a, false),
                 self.pread_part(offset + half as u64, b, false)
@@ -240,34 +249,36 @@ impl FileNode {
         self.pread_part(offset, buf, !self.direct).await
     }
 
-    async fn pread_part(&self, offset: u64, buf: &mut [u8], inline: bool) -> Result<()> {
-        let iov = IoVecs([iovec(buf.as_mut_ptr(), buf.len())]);
-        let done = self.transfer(offset, iov, Dir::Read, inline).await?;
+    async fn pread_part(&self, offset: u64, buf: IoBufMut<'_>, inline: bool) -> Result<()> {
+        let iov = IoVecs::reading_one(buf);
+        let done = self.transfer(offset, iov, inline).await?;
         // Past the end of the file: reads as zeroes, as QEMU pads short reads.
-        buf[done..].fill(0);
+        buf.range(done, buf.len() - done).fill(0);
         Ok(())
     }
 
     /// Writes at an offset the caller has made suitable for the file's alignment. (Not
     /// split like reads: buffered writes to one file serialise on its inode lock.)
-    async fn pwrite_full(&self, offset: u64, buf: &[u8]) -> Result<()> {
+    async fn pwrite_full(&self, offset: u64, buf: IoBuf<'_>) -> Result<()> {
         let inline = !self.direct && self.nowait_writes.load(Ordering::Relaxed);
         self.pwrite_part(offset, buf, inline).await?;
         self.note_end(offset + buf.len() as u64);
         Ok(())
     }
 
-    async fn pwrite_part(&self, offset: u64, buf: &[u8], inline: bool) -> Result<()> {
-        let iov = IoVecs([iovec(buf.as_ptr().cast_mut(), buf.len())]);
-        self.transfer(offset, iov, Dir::Write, inline).await?;
+    async fn pwrite_part(&self, offset: u64, buf: IoBuf<'_>, inline: bool) -> Result<()> {
+        let iov = IoVecs::writing_one(buf);
+        self.transfer(offset, iov, inline).await?;
         Ok(())
     }
 
     async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> Result<()> {
-        let r = self
-            .engine
-            .submit(self.fd(), Op::Fallocate { mode, offset, len })
-            .await;
+        // SAFETY: fallocate carries no pointers.
+        let r = unsafe {
+            self.engine
+                .submit(self.fd(), Op::Fallocate { mode, offset, len })
+        }
+        .await;
         if r < 0 {
             return Err(Error::errno(-r as i32));
         }
@@ -283,6 +294,36 @@ impl FileNode {
             let n = (end - pos).min(CHUNK) as usize;
             self.write(pos, &zeroes[..n], WriteFlags::NONE).await?;
             pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Reads one buffer (no iovec array to allocate).
+    async fn read_one(&self, offset: u64, buf: IoBufMut<'_>) -> Result<()> {
+        if self.direct && !self.is_aligned(offset, buf.len(), buf.as_mut_ptr() as usize) {
+            return direct::read_unaligned(self, offset, buf).await;
+        }
+        self.pread_full(offset, buf).await
+    }
+
+    /// Writes one buffer (no iovec array to allocate).
+    async fn write_one(&self, offset: u64, buf: IoBuf<'_>, flags: WriteFlags) -> Result<()> {
+        if self.read_only {
+            return Err(Error::errno(libc::EBADF));
+        }
+        let _change = self.note_change(offset, buf.len() as u64);
+        if self.direct {
+            if !self.is_aligned(offset, buf.len(), buf.as_ptr() as usize) {
+                direct::write_unaligned(self, offset, buf).await?;
+            } else {
+                let _shared = self.rmw.read().await;
+                self.pwrite_full(offset, buf).await?;
+            }
+        } else {
+            self.pwrite_full(offset, buf).await?;
+        }
+        if flags.fua {
+            self.flush().await?;
         }
         Ok(())
     }
@@ -397,47 +438,27 @@ impl BlockDriver for FileNode {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if self.direct && !self.is_aligned(offset, buf.len(), buf.as_ptr() as usize) {
-            return direct::read_unaligned(self, offset, buf).await;
-        }
-        self.pread_full(offset, buf).await
+        self.read_one(offset, IoBufMut::new(buf)).await
     }
 
-    async fn readv(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+    async fn readv(&self, offset: u64, bufs: &[IoBufMut<'_>]) -> Result<()> {
         match bufs {
             [] => Ok(()),
-            [one] => self.read(offset, one).await,
+            [one] => self.read_one(offset, *one).await,
             _ => self.readv_impl(offset, bufs).await,
         }
     }
 
-    async fn writev(&self, offset: u64, bufs: &[&[u8]], flags: WriteFlags) -> Result<()> {
+    async fn writev(&self, offset: u64, bufs: &[IoBuf<'_>], flags: WriteFlags) -> Result<()> {
         match bufs {
             [] => Ok(()),
-            [one] => self.write(offset, one, flags).await,
+            [one] => self.write_one(offset, *one, flags).await,
             _ => self.writev_impl(offset, bufs, flags).await,
         }
     }
 
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
-        if self.read_only {
-            return Err(Error::errno(libc::EBADF));
-        }
-        let _change = self.note_change(offset, buf.len() as u64);
-        if self.direct {
-            if !self.is_aligned(offset, buf.len(), buf.as_ptr() as usize) {
-                direct::write_unaligned(self, offset, buf).await?;
-            } else {
-                let _shared = self.rmw.read().await;
-                self.pwrite_full(offset, buf).await?;
-            }
-        } else {
-            self.pwrite_full(offset, buf).await?;
-        }
-        if flags.fua {
-            self.flush().await?;
-        }
-        Ok(())
+        self.write_one(offset, IoBuf::new(buf), flags).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
@@ -539,7 +560,8 @@ impl BlockDriver for FileNode {
         if self.read_only || self.flushed_gen.load(Ordering::Acquire) == gen {
             return Ok(());
         }
-        let r = self.engine.submit(self.fd(), Op::Fdatasync).await;
+        // SAFETY: fdatasync carries no pointers.
+        let r = unsafe { self.engine.submit(self.fd(), Op::Fdatasync) }.await;
         if r < 0 {
             return Err(Error::errno(-r as i32));
         }

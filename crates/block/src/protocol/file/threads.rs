@@ -55,14 +55,16 @@ impl ThreadPool {
                     q.idle -= 1;
                 }
             };
-            let result = job.op.run_blocking(job.fd);
+            // SAFETY: the job was queued by `submit`, whose caller keeps the operation's
+            // memory valid until its future completes, which `complete` below signals.
+            let result = unsafe { job.op.run_blocking(job.fd) };
             job.slot.complete(result);
         }
     }
 }
 
 impl Engine for Arc<ThreadPool> {
-    fn submit<'a>(&self, fd: RawFd, op: Op) -> IoFuture<'a> {
+    unsafe fn submit(&self, fd: RawFd, op: Op) -> IoFuture {
         let slot = Slot::new();
         let spawn = {
             let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -89,7 +91,9 @@ impl Engine for Arc<ThreadPool> {
                     // No thread can run the job: run it here rather than never.
                     if let Some(job) = q.jobs.pop_back() {
                         drop(q);
-                        job.slot.complete(job.op.run_blocking(job.fd));
+                        // SAFETY: as in `worker`: the caller of `submit` keeps the
+                        // memory valid until the slot completes.
+                        job.slot.complete(unsafe { job.op.run_blocking(job.fd) });
                     }
                 }
             }

@@ -94,7 +94,7 @@ impl Uring {
 }
 
 impl Engine for Arc<Uring> {
-    fn submit<'a>(&self, fd: RawFd, op: Op) -> IoFuture<'a> {
+    unsafe fn submit(&self, fd: RawFd, op: Op) -> IoFuture {
         let slot = Slot::new();
         let fd = types::Fd(fd);
         let entry = match op {
@@ -116,8 +116,9 @@ impl Engine for Arc<Uring> {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let guard = self.submit_lock.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            // SAFETY: submissions are serialised by submit_lock; the entry's buffer stays
-            // valid until the IoFuture completes (see engine.rs).
+            // SAFETY: submissions are serialised by submit_lock; the entry's iovec array
+            // and buffers stay valid until the IoFuture completes or its drop has waited
+            // for the completion (this function's contract, see engine.rs).
             let pushed = unsafe { self.ring.submission_shared().push(&entry) };
             if pushed.is_ok() {
                 break;
@@ -163,7 +164,9 @@ mod tests {
                 cnt: 1,
                 offset: 0,
             };
-            assert_eq!(futures::executor::block_on(ring.submit(fd, op)), 1);
+            // SAFETY: `iov` and `byte` live until the future, awaited here, completes.
+            let fut = unsafe { ring.submit(fd, op) };
+            assert_eq!(futures::executor::block_on(fut), 1);
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
 
@@ -179,7 +182,9 @@ mod tests {
             cnt: 1,
             offset: u64::MAX, // -1: the pipe's current position
         };
-        let pending: IoFuture<'static> = ring.submit(fds[0], op);
+        // SAFETY: the iovec and its buffer are leaked, so valid for ever; the test only
+        // looks at the buffer after the read has completed.
+        let pending: IoFuture = unsafe { ring.submit(fds[0], op) };
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || tx.send(futures::executor::block_on(pending)));
         std::thread::sleep(std::time::Duration::from_millis(50));

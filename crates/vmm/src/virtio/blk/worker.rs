@@ -16,9 +16,10 @@ use std::sync::Arc;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
+use rqemu_block::iov::{IoBuf, IoBufMut};
 use tokio::io::unix::AsyncFd;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::request::{self, Desc, Kind, Refusal, Request, Segment, S_IOERR, S_OK};
 use super::Disk;
@@ -27,51 +28,68 @@ use crate::virtio::{ActiveQueue, Interrupt};
 /// Most descriptors taken from one chain (the chain iterator also stops at the queue size).
 const MAX_CHAIN: usize = 1024;
 
-/// A guest buffer as a host slice.
-///
-/// The slice aliases guest memory, which the guest may change at any time; the block
-/// layer only copies to or from it, so a racing guest corrupts only its own data.
-#[allow(clippy::mut_from_ref)] // guest memory is shared, mutable memory by nature
-fn host_slice<'a>(mem: &'a GuestMemoryMmap, seg: &Segment) -> Option<&'a mut [u8]> {
-    if seg.len == 0 {
-        return Some(&mut []);
-    }
-    let vs = mem.get_slice(seg.addr, seg.len as usize).ok()?;
-    let ptr = vs.ptr_guard_mut().as_ptr();
-    // SAFETY: `get_slice` checked that the whole range lies inside one mapped region of
-    // `mem`, which stays mapped while the borrow of `mem` lives. Concurrent access by the
-    // guest or another request is the guest's own doing and only affects data bytes.
-    Some(unsafe { std::slice::from_raw_parts_mut(ptr, seg.len as usize) })
+/// A raw block-layer buffer descriptor made over guest memory ([`IoBuf`] for a write's
+/// data, [`IoBufMut`] for a read's).
+trait GuestBuf<'a>: Copy {
+    /// Describes `len` bytes of guest memory at host address `ptr`.
+    ///
+    /// # Safety
+    ///
+    /// The range must lie inside guest memory that stays mapped for `'a`, as
+    /// [`IoBufMut::from_raw`] requires.
+    unsafe fn from_guest(ptr: *mut u8, len: usize) -> Self;
 }
 
-/// The request's buffers as host slices, with segments that are adjacent in host memory
-/// merged: one slice for a buffer that is contiguous in the guest. The runs of one
-/// request go to the backend as one vectored request, straight into or out of guest
-/// memory.
-#[allow(clippy::mut_from_ref)] // guest memory is shared, mutable memory by nature
-fn host_runs<'a>(mem: &'a GuestMemoryMmap, segs: &[Segment]) -> Option<Vec<&'a mut [u8]>> {
-    let mut runs: Vec<&'a mut [u8]> = Vec::new();
+impl<'a> GuestBuf<'a> for IoBuf<'a> {
+    unsafe fn from_guest(ptr: *mut u8, len: usize) -> Self {
+        // SAFETY: the caller keeps from_raw's contract.
+        unsafe { IoBuf::from_raw(ptr, len) }
+    }
+}
+
+impl<'a> GuestBuf<'a> for IoBufMut<'a> {
+    unsafe fn from_guest(ptr: *mut u8, len: usize) -> Self {
+        // SAFETY: the caller keeps from_raw's contract.
+        unsafe { IoBufMut::from_raw(ptr, len) }
+    }
+}
+
+/// The request's guest buffers as raw block-layer descriptors, with segments that
+/// continue each other in guest memory (inside one region) merged: one descriptor for a
+/// buffer that is contiguous in the guest. The runs of one request go to the backend as
+/// one vectored request, straight into or out of guest memory. No Rust reference to
+/// guest memory is made: the guest may change it at any time, and the block layer only
+/// copies through the descriptors or hands them to the kernel (the contract of
+/// `rqemu_block::iov`).
+fn guest_runs<'a, B: GuestBuf<'a>>(mem: &'a GuestMemoryMmap, segs: &[Segment]) -> Option<Vec<B>> {
+    let mut runs: Vec<B> = Vec::with_capacity(segs.len());
+    // Guest address and length of the last run.
+    let mut last: Option<(u64, usize)> = None;
     for seg in segs {
-        let s = host_slice(mem, seg)?;
-        if s.is_empty() {
+        if seg.len == 0 {
             continue;
         }
-        if let Some(last) = runs.last_mut() {
-            // SAFETY: pointer arithmetic only; one past the end of a live slice.
-            let end = unsafe { last.as_mut_ptr().add(last.len()) };
-            if end == s.as_mut_ptr() {
-                let len = last.len() + s.len();
-                // SAFETY: both slices come from `host_slice` over the same mapped region
-                // (get_slice never spans regions, and adjacency was checked), so the merged
-                // range is one live mapping of `len` bytes.
-                *last = unsafe { std::slice::from_raw_parts_mut(last.as_mut_ptr(), len) };
+        let len = seg.len as usize;
+        if let Some((start, n)) = last {
+            // One range of one region (get_slice never spans regions): one descriptor.
+            let merged = (start.checked_add(n as u64) == Some(seg.addr.0))
+                .then(|| mem.get_slice(GuestAddress(start), n + len).ok())
+                .flatten();
+            if let (Some(vs), Some(run)) = (merged, runs.last_mut()) {
+                // SAFETY: `get_slice` checked that the merged range lies inside one mapped
+                // region of `mem`, which stays mapped while `mem` is borrowed for 'a; the
+                // VMM makes no Rust reference into guest memory.
+                *run = unsafe { B::from_guest(vs.ptr_guard_mut().as_ptr(), n + len) };
+                last = Some((start, n + len));
                 continue;
             }
         }
-        runs.push(s);
-    }
-    if runs.is_empty() {
-        runs.push(&mut []);
+        let vs = mem.get_slice(seg.addr, len).ok()?;
+        // SAFETY: `get_slice` checked that the whole range lies inside one mapped region
+        // of `mem`, which stays mapped while `mem` is borrowed for 'a; the VMM makes no
+        // Rust reference into guest memory (vm-memory's accessors are volatile copies).
+        runs.push(unsafe { B::from_guest(vs.ptr_guard_mut().as_ptr(), len) });
+        last = Some((seg.addr.0, len));
     }
     Some(runs)
 }
@@ -85,16 +103,12 @@ pub async fn run(disk: &Disk, req: &Request, mem: &GuestMemoryMmap) -> u8 {
     let result: Result<(), ()> = async {
         match req.kind {
             Kind::Read { offset } => {
-                let mut runs = host_runs(mem, &req.data).ok_or(())?;
-                disk.backend
-                    .readv(offset, &mut runs)
-                    .await
-                    .map_err(|_| ())?;
+                let runs: Vec<IoBufMut> = guest_runs(mem, &req.data).ok_or(())?;
+                disk.backend.readv(offset, &runs).await.map_err(|_| ())?;
             }
             Kind::Write { offset } => {
                 let fua = !disk.wce.load(Ordering::Relaxed);
-                let runs = host_runs(mem, &req.data).ok_or(())?;
-                let runs: Vec<&[u8]> = runs.into_iter().map(|r| &*r).collect();
+                let runs: Vec<IoBuf> = guest_runs(mem, &req.data).ok_or(())?;
                 disk.backend
                     .writev(offset, &runs, fua)
                     .await
@@ -227,5 +241,43 @@ pub async fn serve(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Segments that continue each other in guest memory become one descriptor, others
+    /// stay apart; data copied through the descriptors lands where the guest put its
+    /// buffers; a segment outside memory refuses the request.
+    #[test]
+    fn guest_runs_merge_contiguous_segments() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let seg = |addr, len| Segment {
+            addr: GuestAddress(addr),
+            len,
+        };
+        let segs = [
+            seg(0x1000, 0x200),
+            seg(0x1200, 0x600),
+            seg(0x3000, 0x100),
+            seg(0x3100, 0),
+        ];
+        let runs: Vec<IoBufMut> = guest_runs(&mem, &segs).unwrap();
+        assert_eq!(
+            runs.iter().map(|r| r.len()).collect::<Vec<_>>(),
+            [0x800, 0x100]
+        );
+        let data: Vec<u8> = (0..0x900).map(|i| (i % 253) as u8).collect();
+        rqemu_block::iov::scatter(&runs, &data);
+        let mut back = vec![0u8; 0x800];
+        mem.read_slice(&mut back, GuestAddress(0x1000)).unwrap();
+        assert!(back[..] == data[..0x800]);
+        let mut back = vec![0u8; 0x100];
+        mem.read_slice(&mut back, GuestAddress(0x3000)).unwrap();
+        assert!(back[..] == data[0x800..]);
+        let bad = [seg(0x1000, 0x200), seg(0xff00, 0x200)];
+        assert!(guest_runs::<IoBuf>(&mem, &bad).is_none());
     }
 }
