@@ -395,13 +395,16 @@ pub const QEMU_FORMATS: &[&str] = &[
 ];
 
 /// Compresses one cluster on the blocking pool (all cores), handing the buffer back with
-/// its compressed form (`None`: it does not compress).
-pub async fn compress_on_pool(
+/// its compressed form (`None`: it does not compress); `None` if the task failed.
+pub async fn compress_on_pool<B>(
     c: rqemu_block::format::qcow2::compress::Compressor,
-    data: Vec<u8>,
-) -> (Option<Vec<u8>>, Vec<u8>) {
-    // The task is never cancelled; if it panicked, the caller sees an empty buffer.
-    tokio::task::spawn_blocking(move || (c.compress_cluster(&data), data))
+    data: B,
+) -> Option<(Option<Vec<u8>>, B)>
+where
+    B: AsRef<[u8]> + Send + 'static,
+{
+    // The task is never cancelled; it fails only if it panicked.
+    tokio::task::spawn_blocking(move || (c.compress_cluster(data.as_ref()), data))
         .await
-        .unwrap_or_default()
+        .ok()
 }

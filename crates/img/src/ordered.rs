@@ -2,6 +2,10 @@
 //! their requests several at a time, finishing in any order, and write them one at a
 //! time in request order (so the target's clusters are allocated in qemu-img's order),
 //! with the reads going on while a write runs.
+//!
+//! Items that finish early wait here for the ones before them; what bounds them is the
+//! callers' buffer pool (`bufpool.rs`): requests take their buffers in index order, so
+//! the oldest request always holds its own and the others wait for the pool's budget.
 
 use std::collections::BTreeMap;
 use std::future::{poll_fn, Future};

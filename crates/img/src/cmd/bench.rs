@@ -11,6 +11,7 @@ use rqemu_cli::getopt::{HasArg, LongOpt};
 use rqemu_cli::outp;
 use tokio::task::JoinSet;
 
+use crate::bufpool::BufPool;
 use crate::common::{block_on, check_image_opts, cvtnum_full, open_image, Ctx, ImageArgs};
 
 const IMAGE_OPTS: i32 = 257;
@@ -78,8 +79,8 @@ struct Bench {
 
 /// A finished request.
 enum Done {
-    /// A read (with its buffer back) or a write.
-    Io(rqemu_block::Result<()>, Option<Vec<u8>>),
+    /// A read or a write.
+    Io(rqemu_block::Result<()>),
     /// A flush; `true` when the queue was drained for it.
     Flush(rqemu_block::Result<()>, bool),
 }
@@ -101,7 +102,9 @@ fn strerror(e: &rqemu_block::Error) -> String {
 async fn bench(ctx: &Ctx, blk: &BlockBackend, b: &Bench) -> Result<f64, i32> {
     let image_size = blk.size();
     let data = Arc::new(vec![b.pattern; b.bufsize as usize]);
-    let mut pool: Vec<Vec<u8>> = Vec::new();
+    // Reads take their buffers from a pool as deep as the queue: allocated once each.
+    let len = b.bufsize as usize;
+    let pool = BufPool::new(len.saturating_mul(b.depth as usize), len);
     let mut set: JoinSet<Done> = JoinSet::new();
     let mut st = State {
         n: b.count,
@@ -109,7 +112,7 @@ async fn bench(ctx: &Ctx, blk: &BlockBackend, b: &Bench) -> Result<f64, i32> {
         in_flush: false,
         offset: b.offset,
     };
-    let submit = |st: &mut State, set: &mut JoinSet<Done>, pool: &mut Vec<Vec<u8>>| {
+    let submit = |st: &mut State, set: &mut JoinSet<Done>| {
         while st.n > st.in_flight && st.in_flight < b.depth {
             let offset = st.offset;
             st.in_flight += 1;
@@ -118,14 +121,12 @@ async fn bench(ctx: &Ctx, blk: &BlockBackend, b: &Bench) -> Result<f64, i32> {
             let blk = blk.clone();
             if b.write {
                 let data = data.clone();
-                set.spawn(async move { Done::Io(blk.write(offset, &data, false).await, None) });
+                set.spawn(async move { Done::Io(blk.write(offset, &data, false).await) });
             } else {
-                let mut buf = pool
-                    .pop()
-                    .unwrap_or_else(|| vec![b.pattern; b.bufsize as usize]);
+                let pool = pool.clone();
                 set.spawn(async move {
-                    let r = blk.read(offset, &mut buf).await;
-                    Done::Io(r, Some(buf))
+                    let mut buf = pool.get(len).await;
+                    Done::Io(blk.read(offset, &mut buf).await)
                 });
             }
         }
@@ -139,7 +140,7 @@ async fn bench(ctx: &Ctx, blk: &BlockBackend, b: &Bench) -> Result<f64, i32> {
         1
     };
     let start = Instant::now();
-    submit(&mut st, &mut set, &mut pool);
+    submit(&mut st, &mut set);
     while st.n > 0 {
         let Some(done) = set.join_next().await else {
             break;
@@ -149,7 +150,7 @@ async fn bench(ctx: &Ctx, blk: &BlockBackend, b: &Bench) -> Result<f64, i32> {
             Ok(Done::Flush(Err(e), _)) => {
                 return Err(failed(format!("Failed flush request: {}", strerror(&e))))
             }
-            Ok(Done::Io(Err(e), _)) => {
+            Ok(Done::Io(Err(e))) => {
                 return Err(failed(format!("Failed request: {}", strerror(&e))))
             }
             Ok(Done::Flush(Ok(()), drained)) => {
@@ -158,8 +159,7 @@ async fn bench(ctx: &Ctx, blk: &BlockBackend, b: &Bench) -> Result<f64, i32> {
                 }
                 st.in_flush = false;
             }
-            Ok(Done::Io(Ok(()), buf)) => {
-                pool.extend(buf);
+            Ok(Done::Io(Ok(()))) => {
                 let remaining = st.n - st.in_flight;
                 st.n -= 1;
                 st.in_flight -= 1;
@@ -175,7 +175,7 @@ async fn bench(ctx: &Ctx, blk: &BlockBackend, b: &Bench) -> Result<f64, i32> {
             }
         }
         if !st.in_flush {
-            submit(&mut st, &mut set, &mut pool);
+            submit(&mut st, &mut set);
         }
     }
     let elapsed = start.elapsed().as_secs_f64();

@@ -8,7 +8,7 @@ use rqemu_block::{BlockBackend, CacheMode, Error, Prealloc, WriteFlags};
 use rqemu_cli::getopt::{HasArg, LongOpt};
 use rqemu_cli::outp;
 
-use crate::bufpool::Pool;
+use crate::bufpool::{BufPool, PoolBuf};
 use crate::common::{block_on, check_image_opts, cvtnum_full, open_image, Ctx, ImageArgs, Objects};
 use crate::ordered::write_in_order;
 use crate::progress::Progress;
@@ -316,27 +316,33 @@ async fn commit(
     let lens: Vec<u64> = requests.iter().map(|r| r.1).collect();
     let mut limiter = RateLimiter::new(rate);
     let mut done = 0u64;
-    let pool = Pool::default();
+    // Buffers are taken in request order, so the oldest request always has its own:
+    // what is read ahead stays within the pool's budget however fast reads complete.
+    let pool = BufPool::new(
+        (READ_AHEAD + MAX_BACKLOG + 1) * MAX_REQUEST as usize,
+        MAX_REQUEST as usize,
+    );
     let pool = &pool;
     let reads = stream::iter(requests.into_iter().enumerate())
-        .map(|(i, (off, n))| async move {
-            let ops = read_range(blk, pool, off, n, size).await?;
-            Ok::<_, rqemu_block::Error>((i, Some((n, ops))))
+        .then(|(i, (off, n))| async move { (i, off, n, pool.get(n as usize).await) })
+        .map(|(i, off, n, mut buf)| async move {
+            let ops = read_range(blk, &mut buf, off, n, size).await?;
+            Ok::<_, rqemu_block::Error>((i, Some((n, buf, ops))))
         })
         .buffer_unordered(READ_AHEAD);
     // Writes land in order, so the base is laid out the same each time.
     write_in_order(
         reads,
         MAX_BACKLOG,
-        |(n, ops): (u64, Vec<Op>)| {
+        |(n, buf, ops): (u64, PoolBuf, Vec<Op>)| {
             let due = limiter.due(n);
             let base = &base;
             async move {
                 for op in ops {
                     match op {
-                        Op::Data(pos, buf) => {
-                            base.write(pos, &buf, WriteFlags::NONE).await?;
-                            pool.give(buf);
+                        Op::Data(pos, at, len) => {
+                            let data = &buf[at..at + len];
+                            base.write(pos, data, WriteFlags::NONE).await?
                         }
                         Op::Zero(pos, len) => {
                             let flags = WriteFlags {
@@ -368,16 +374,18 @@ async fn commit(
 
 /// What one stretch of the base receives.
 enum Op {
-    Data(u64, Vec<u8>),
+    /// Data at an offset, from the request's buffer at `at`, `len` bytes.
+    Data(u64, usize, usize),
     Zero(u64, u64),
     Discard(u64, u64),
 }
 
-/// Reads one range from the top of the chain: data where the chain has data, zeroes or
-/// discards elsewhere (QEMU's commit job does the same per status).
+/// Reads one range from the top of the chain into `buf` (as long as the range): data
+/// where the chain has data, zeroes or discards elsewhere (QEMU's commit job does the
+/// same per status).
 async fn read_range(
     blk: &BlockBackend,
-    pool: &Pool,
+    buf: &mut [u8],
     off: u64,
     n: u64,
     size: u64,
@@ -389,9 +397,10 @@ async fn read_range(
         let cs = block_status_chain(blk.root(), pos, off + n - pos).await?;
         let len = cs.status.len.max(1).min(off + n - pos);
         if cs.status.data {
-            let mut buf = pool.take(len as usize);
-            blk.read(pos, &mut buf).await?;
-            ops.push(Op::Data(pos, buf));
+            let at = (pos - off) as usize;
+            let len = len as usize;
+            blk.read(pos, &mut buf[at..at + len]).await?;
+            ops.push(Op::Data(pos, at, len));
         } else if cs.status.zero {
             ops.push(Op::Zero(pos, len));
         } else {

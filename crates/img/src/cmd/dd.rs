@@ -11,6 +11,7 @@ use rqemu_block::{BlockBackend, OpenOptions};
 use rqemu_cli::getopt::{HasArg, LongOpt};
 
 use super::measure::{NO_CREATE, NO_MEASURE};
+use crate::bufpool::BufPool;
 use crate::common::{
     block_on, check_image_opts, cvtnum_full, open_image, read_sectors, Ctx, ImageArgs, Objects,
 };
@@ -83,8 +84,10 @@ fn operand(ctx: &Ctx, dd: &mut Dd, arg: &str) -> Result<(), ()> {
 /// the current one is written.
 async fn copy(ctx: &Ctx, src: &BlockBackend, dst: &BlockBackend, start: u64, end: u64) -> i32 {
     let len = |pos: u64| (end - pos).min(PIECE) as usize;
-    let mut cur = vec![0u8; len(start).max(1)];
-    let mut next = vec![0u8; cur.len()];
+    // Two buffers, one read while the other is written.
+    let pool = BufPool::new(2 * PIECE as usize, PIECE as usize);
+    let mut cur = pool.get(len(start).max(1)).await;
+    let mut next = pool.get(cur.len()).await;
     let read_err = |e: rqemu_block::Error| {
         ctx.error(&format!(
             "error while reading from input image file: {}",

@@ -11,7 +11,7 @@ use rqemu_block::{BlockBackend, CacheMode, OpenOptions};
 use rqemu_cli::getopt::{HasArg, LongOpt};
 
 use super::commit::allocated_above;
-use crate::bufpool::Pool;
+use crate::bufpool::{BufPool, PoolBuf};
 use crate::common::{
     block_on, check_image_opts, compress_on_pool, open_image, Ctx, ImageArgs, Objects, QEMU_FORMATS,
 };
@@ -374,26 +374,38 @@ async fn copy_differences(
         offset = start + len;
     }
     let comp = if o.compress { blk.compressor() } else { None };
-    let pool = Pool::default();
+    // Both buffers of a step are taken in step order, so the oldest step always has its
+    // own: what is read ahead stays within the pool's budget however fast reads complete.
+    let pool = BufPool::new(
+        2 * (READ_AHEAD + MAX_BACKLOG + 1) * STEP as usize,
+        STEP as usize,
+    );
     let pool = &pool;
     let reads = stream::iter(stretches.into_iter().enumerate())
-        .map(|(i, s)| {
+        .then(|(i, s)| async move {
+            let bufs = if s.zero {
+                None
+            } else {
+                let old = pool.get(s.len as usize).await;
+                Some((old, pool.get(s.len as usize).await))
+            };
+            (i, s, bufs)
+        })
+        .map(|(i, s, bufs)| {
             let (old, new) = (old.cloned(), new_node.clone());
             async move {
-                if s.zero {
+                let Some((mut buf_old, mut buf_new)) = bufs else {
                     return Ok::<_, String>((i, None));
-                }
-                let mut buf_old = pool.take(s.len as usize);
-                let mut buf_new = pool.take(s.len as usize);
+                };
                 let (r_old, r_new) = futures::join!(
                     read_backing(old.as_ref(), s.offset, &mut buf_old),
                     read_backing(new.as_ref(), s.offset, &mut buf_new)
                 );
                 r_old.map_err(|_| "error while reading from old backing file".to_string())?;
                 r_new.map_err(|_| "error while reading from new backing file".to_string())?;
+                // Buffers of steps with nothing to copy go back to the pool as they drop.
                 let copy = CopyStep::plan(&s, buf_old, &buf_new, write_align, old_size);
-                pool.give(buf_new);
-                Ok((i, copy.map_err(|buf_old| pool.give(buf_old)).ok()))
+                Ok((i, copy.ok()))
             }
         })
         .buffer_unordered(READ_AHEAD);
@@ -402,10 +414,7 @@ async fn copy_differences(
     write_in_order(
         reads,
         MAX_BACKLOG,
-        |c: CopyStep| async move {
-            pool.give(c.write(blk, comp).await?);
-            Ok(())
-        },
+        |c: CopyStep| c.write(blk, comp),
         |_| meter.print(step_progress, 100),
     )
     .await
@@ -415,7 +424,7 @@ async fn copy_differences(
 /// (zeroes past its end) where the new backing file reads differently.
 struct CopyStep {
     offset: u64,
-    data: Vec<u8>,
+    data: PoolBuf,
     /// (start in `data`, length, write zeroes)
     runs: Vec<(usize, usize, bool)>,
 }
@@ -424,11 +433,11 @@ impl CopyStep {
     /// Compares a step's two buffers; gives the old one back when nothing differs.
     fn plan(
         s: &Stretch,
-        data: Vec<u8>,
+        data: PoolBuf,
         new: &[u8],
         write_align: u64,
         old_size: u64,
-    ) -> Result<CopyStep, Vec<u8>> {
+    ) -> Result<CopyStep, PoolBuf> {
         let mut runs = Vec::new();
         let mut done = 0usize;
         let mut old_eof = s.offset >= old_size;
@@ -453,12 +462,12 @@ impl CopyStep {
         })
     }
 
-    /// Writes the runs; gives the buffer back.
+    /// Writes the runs (the buffer goes back to its pool afterwards).
     async fn write(
         self,
         blk: &BlockBackend,
         comp: Option<rqemu_block::format::qcow2::compress::Compressor>,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<(), String> {
         for &(start, len, zeroes) in &self.runs {
             let off = self.offset + start as u64;
             let data = &self.data[start..start + len];
@@ -476,7 +485,7 @@ impl CopyStep {
                 )
             })?;
         }
-        Ok(self.data)
+        Ok(())
     }
 }
 
@@ -523,10 +532,9 @@ async fn write_compressed(
 ) -> rqemu_block::Result<()> {
     let cs = c.cluster_size();
     for (i, chunk) in data.chunks(cs).enumerate() {
-        let (packed, chunk) = compress_on_pool(c, chunk.to_vec()).await;
-        if chunk.is_empty() {
+        let Some((packed, chunk)) = compress_on_pool(c, chunk.to_vec()).await else {
             return Err(rqemu_block::Error::errno(libc::EIO));
-        }
+        };
         blk.write_precompressed(offset + (i * cs) as u64, &chunk, packed)
             .await?;
     }
@@ -571,21 +579,25 @@ mod tests {
             len: 16,
             zero: false,
         };
-        let old = vec![7u8; 16];
-        assert_eq!(
-            CopyStep::plan(&s, old.clone(), &old, 4, 64).err(),
-            Some(old.clone())
-        );
-        let mut new = old.clone();
+        let pool = BufPool::new(1 << 20, 4096);
+        let old = || {
+            let mut b = futures::FutureExt::now_or_never(pool.get(16)).expect("budget");
+            b.fill(7);
+            b
+        };
+        let same = old();
+        let back = CopyStep::plan(&s, old(), &same, 4, 64).err();
+        assert_eq!(back.as_deref(), Some(&same[..]));
+        let mut new = same.to_vec();
         new[1] = 0;
         new[13] = 0;
-        let c = CopyStep::plan(&s, old.clone(), &new, 4, 64).expect("differs");
+        let c = CopyStep::plan(&s, old(), &new, 4, 64).expect("differs");
         assert_eq!(
             (c.offset, c.runs),
             (16, vec![(0, 4, false), (12, 4, false)])
         );
         // Past the old backing file's end, what differs is written as zeroes.
-        let c = CopyStep::plan(&s, old, &new, 4, 24).expect("differs");
+        let c = CopyStep::plan(&s, old(), &new, 4, 24).expect("differs");
         assert_eq!(c.runs, vec![(0, 4, false), (12, 4, true)]);
     }
 }

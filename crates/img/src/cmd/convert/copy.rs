@@ -16,7 +16,7 @@ use rqemu_block::BlockBackend;
 
 use super::plan::{Chunk, Planner, Status};
 use super::sparse::allocated_run_min;
-use crate::bufpool::Pool;
+use crate::bufpool::{BufPool, PoolBuf};
 use crate::common::{compress_on_pool, read_sectors};
 use crate::progress::Progress;
 use crate::ratelimit::RateLimiter;
@@ -101,8 +101,16 @@ enum Op {
 
 /// A request read and inspected, ready for the writer.
 struct Prepared {
-    buf: Vec<u8>,
+    /// The request's data (none for holes and kernel copies).
+    buf: Option<PoolBuf>,
     ops: Vec<Op>,
+}
+
+/// `n` sectors at byte `at` of a request's buffer.
+fn slice(buf: &Option<PoolBuf>, at: usize, n: u64) -> &[u8] {
+    let data = buf.as_deref().unwrap_or_default();
+    let end = (at + (n * 512) as usize).min(data.len());
+    &data[at.min(end)..end]
 }
 
 impl Job {
@@ -121,7 +129,6 @@ impl Job {
     /// Copies everything; errors are reported.
     pub async fn run(self, progress: &mut Progress) -> Result<(), ()> {
         let job = Arc::new(self);
-        let pool = Arc::new(Pool::default());
         // What counts towards progress: data written (and zeroes, when written as data).
         let counts = |st: Status| st == Status::Data || (job.min_sparse == 0 && st == Status::Zero);
         let mut allocated = 0u64;
@@ -149,6 +156,9 @@ impl Job {
             (CACHED_PIPELINE_BYTES / chunk_bytes).clamp(2, job.num_coroutines.max(2) as u64)
                 as usize
         };
+        // Every request holds at most one buffer at a time, so the pool's budget is never
+        // what stops a request; it bounds the memory all the same.
+        let pool = BufPool::new(depth * chunk_bytes as usize, chunk_bytes as usize);
         let mut planner = Planner::new();
         let mut pos = 0u64;
         let mut done = 0u64;
@@ -224,10 +234,10 @@ impl Job {
 }
 
 /// Reads a request and decides its writes (qemu-img's `convert_co_write` rules).
-async fn prepare(job: &Job, pool: &Pool, c: Chunk) -> Result<Prepared, ()> {
+async fn prepare(job: &Job, pool: &BufPool, c: Chunk) -> Result<Prepared, ()> {
     if job.copy_range && c.status == Status::Data && copy_ends(job, c.sector).is_some() {
         return Ok(Prepared {
-            buf: Vec::new(),
+            buf: None,
             ops: vec![Op::CopyRange {
                 sector: c.sector,
                 n: c.n,
@@ -235,10 +245,10 @@ async fn prepare(job: &Job, pool: &Pool, c: Chunk) -> Result<Prepared, ()> {
         });
     }
     let mut status = c.status;
-    let mut buf = Vec::new();
+    let mut buf = None;
     if status == Status::Data {
-        buf = pool.take((c.n * 512) as usize);
-        if let Err(e) = read(job, c.sector, &mut buf).await {
+        let mut b = pool.get((c.n * 512) as usize).await;
+        if let Err(e) = read(job, c.sector, &mut b).await {
             report(&format!(
                 "error while reading at byte {}: {}",
                 c.sector * 512,
@@ -246,9 +256,11 @@ async fn prepare(job: &Job, pool: &Pool, c: Chunk) -> Result<Prepared, ()> {
             ));
             return Err(());
         }
+        buf = Some(b);
     } else if job.min_sparse == 0 && status == Status::Zero {
-        buf = pool.take((c.n * 512) as usize);
-        buf.fill(0);
+        let mut b = pool.get((c.n * 512) as usize).await;
+        b.fill(0);
+        buf = Some(b);
         status = Status::Data;
     }
     let mut ops = Vec::new();
@@ -264,23 +276,26 @@ async fn prepare(job: &Job, pool: &Pool, c: Chunk) -> Result<Prepared, ()> {
             Status::BackingFile => {}
             Status::Zero => zeroes(&mut ops, sector, n),
             Status::Data => {
-                let bytes = &buf[at..at + (n * 512) as usize];
+                let bytes = slice(&buf, at, n);
                 if let Some(comp) = job.compressor {
                     if job.min_sparse != 0 && is_zero(bytes) {
                         zeroes(&mut ops, sector, n);
                     } else {
                         // A compressed request is one whole cluster: the buffer itself
-                        // goes to the pool and comes back with its compressed form.
-                        let (data, back) = compress_on_pool(comp, std::mem::take(&mut buf)).await;
-                        if back.is_empty() {
+                        // goes to the blocking pool and comes back with its compressed form.
+                        let compressed = match buf.take() {
+                            Some(b) => compress_on_pool(comp, b).await,
+                            None => None,
+                        };
+                        let Some((data, back)) = compressed else {
                             report(&format!(
                                 "error while writing at byte {}: {}",
                                 sector * 512,
                                 strerror(libc::EIO)
                             ));
                             return Err(());
-                        }
-                        buf = back;
+                        };
+                        buf = Some(back);
                         ops.push(Op::Compressed {
                             sector,
                             at,
@@ -359,26 +374,28 @@ async fn read_one(job: &Job, src: &Source, offset: u64, buf: &mut [u8]) -> rqemu
 }
 
 /// Applies a request's writes, in order.
-async fn apply(job: &Job, pool: &Pool, p: Prepared, limiter: &mut RateLimiter) -> Result<(), ()> {
+async fn apply(
+    job: &Job,
+    pool: &BufPool,
+    p: Prepared,
+    limiter: &mut RateLimiter,
+) -> Result<(), ()> {
     let t = &job.target;
-    for op in &p.ops {
+    let Prepared { buf, ops } = p;
+    for op in ops {
         let (sector, n) = match op {
             Op::Write { sector, n, .. }
             | Op::Zeroes { sector, n }
             | Op::CopyRange { sector, n }
-            | Op::Compressed { sector, n, .. } => (*sector, *n),
+            | Op::Compressed { sector, n, .. } => (sector, n),
         };
         limiter.wait(n * 512).await;
         let r = match op {
-            Op::Write { at, .. } => {
-                t.write(sector * 512, &p.buf[*at..*at + (n * 512) as usize], false)
-                    .await
-            }
+            Op::Write { at, .. } => t.write(sector * 512, slice(&buf, at, n), false).await,
             Op::Zeroes { .. } => t.write_zeroes(sector * 512, n * 512, true).await,
             Op::CopyRange { .. } => copy_range(job, pool, sector, n).await,
             Op::Compressed { at, data, .. } => {
-                let len = (n * 512) as usize;
-                t.write_precompressed(sector * 512, &p.buf[*at..*at + len], data.clone())
+                t.write_precompressed(sector * 512, slice(&buf, at, n), data)
                     .await
             }
         };
@@ -391,7 +408,6 @@ async fn apply(job: &Job, pool: &Pool, p: Prepared, limiter: &mut RateLimiter) -
             return Err(());
         }
     }
-    pool.give(p.buf);
     Ok(())
 }
 
@@ -411,7 +427,7 @@ fn copy_ends(job: &Job, sector: u64) -> Option<(i32, u64, i32, u64)> {
 
 /// Copies `n` sectors at `sector` from the source file to the target file in the kernel;
 /// where that is refused, reads and writes them instead (as qemu-img falls back).
-async fn copy_range(job: &Job, pool: &Pool, sector: u64, n: u64) -> rqemu_block::Result<()> {
+async fn copy_range(job: &Job, pool: &BufPool, sector: u64, n: u64) -> rqemu_block::Result<()> {
     if let Some((sfd, soff, tfd, toff)) = copy_ends(job, sector) {
         let len = n * 512;
         let copied = tokio::task::spawn_blocking(move || kernel_copy(sfd, soff, tfd, toff, len))
@@ -430,11 +446,9 @@ async fn copy_range(job: &Job, pool: &Pool, sector: u64, n: u64) -> rqemu_block:
             Err(_) => {}
         }
     }
-    let mut buf = pool.take((n * 512) as usize);
+    let mut buf = pool.get((n * 512) as usize).await;
     read(job, sector, &mut buf).await?;
-    let r = job.target.write(sector * 512, &buf, false).await;
-    pool.give(buf);
-    r
+    job.target.write(sector * 512, &buf, false).await
 }
 
 /// `copy_file_range` until `len` bytes are copied (the source's end reads as zeroes,
