@@ -26,6 +26,7 @@ use rqemu_opts::KeyVal;
 use tokio::sync::Mutex;
 
 use crate::error::{Error, Result};
+use crate::iov::{IoBuf, IoBufMut};
 use crate::node::{Alignment, BlockDriver, BlockStatus, ChildRole, NodeRef, Prealloc, WriteFlags};
 
 /// The options of a blklogwrites node (its children are opened by the caller).
@@ -203,7 +204,11 @@ impl BlkLogWritesNode {
         }
         let pad = vec![0u8; (data.len() as u64).next_multiple_of(ss) as usize - data.len()];
         self.log
-            .writev(at, &[&entry, data, &pad], WriteFlags::NONE)
+            .writev(
+                at,
+                &[IoBuf::new(&entry), IoBuf::new(data), IoBuf::new(&pad)],
+                WriteFlags::NONE,
+            )
             .await?;
         let mut next = at + ss + data.len() as u64 + pad.len() as u64;
         if zeroes > 0 {
@@ -309,7 +314,7 @@ impl BlockDriver for BlkLogWritesNode {
         self.file.read(offset, buf).await
     }
 
-    async fn readv(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<()> {
+    async fn readv(&self, offset: u64, bufs: &[IoBufMut<'_>]) -> Result<()> {
         self.file.readv(offset, bufs).await
     }
 
