@@ -63,3 +63,74 @@ for name, packed in [("gz", gzip.compress(bytes(elf), mtime=0)),
     open(f"{out}/seed-{name}", "wb").write(bytes(img) + payload)
 PY
 echo "seeds in $out"
+# qemu_opts, nbd_handshake, blkdebug_config: hand-written inputs (the first byte picks
+# the parser or the target's mode, as each target describes).
+python3 - <<'PY'
+import os, struct
+def put(target, name, data):
+    os.makedirs(f"corpus/{target}", exist_ok=True)
+    open(f"corpus/{target}/seed-{name}", "wb").write(data)
+
+for i, (mode, s) in enumerate([
+    (0, "driver=qcow2,file.driver=file,file.filename=a,,b.img,cache.direct=on"),
+    (0, "server,nowait,id=x"),
+    (1, "disk.img,if=virtio,cache=none,format=raw"),
+    (1, "my,,disk.img"),
+    (2, 'json:{"driver":"qcow2","file":{"driver":"file","filename":"x,y"}}'),
+    (2, "json:{'driver': 'raw', 'file': {'filename': 'a\\'b'}, 'n': [1, true, null, 2.5]}"),
+    (3, "1.5G"), (3, "0x100"), (3, " +16E"), (3, "1.0000000001k"), (4, "512"),
+    (5, "0x1c"), (5, "010"), (5, "-5"),
+    (6, "on"),
+    (7, "nbd://localhost:10809/exp"),
+    (7, "nbd+unix:///exp?socket=/tmp/s"),
+    (7, "nbd:unix:/tmp/s:exportname=e"),
+    (7, "nbd:[::1]:10809"),
+    (7, "\nserver.type=inet,server.host=h,server.port=1,export=e,open-timeout=3"),
+    (7, "\nhost=h,port=10809,x-dirty-bitmap=qemu:dirty-bitmap:b"),
+]):
+    put("qemu_opts", str(i), bytes([mode]) + s.encode())
+
+# nbd_handshake: mode (name, context, read size), greeting, then one answer per option.
+u32 = lambda v: struct.pack(">I", v)
+u64 = lambda v: struct.pack(">Q", v)
+size = u64(1 << 20)
+go_ok = b"\x81" + size + b"\x00\x01" + b"\x82\x00\x0c\x19" + b"\x00"
+put("nbd_handshake", "fixed-go", b"\x00" + b"\x00\x03" + b"\x00" + b"\x84" + u32(1) + b"\x00" + go_ok)
+put("nbd_handshake", "no-go", b"\x00" + b"\x00\x01" + b"\x06\x00" + b"\x06\x00" + b"\x00" + size + b"\x00\x01")
+put("nbd_handshake", "oldstyle", b"\x00" + b"\x02" + size + u32(1))
+put("nbd_handshake", "not-fixed", b"\x08" + b"\x00\x02" + b"\x00" + size + b"\x00\x03")
+put("nbd_handshake", "bitmap-denied", b"\x05" + b"\x00\x03" + b"\x00" + b"\x07\x05nope!" + go_ok)
+put("nbd_handshake", "unknown-export", b"\x01" + b"\x00\x03" + b"\x00" + b"\x84" + u32(7) + b"\x00" + b"\x0b\x07no such")
+
+# blkdebug_config: mode 0 a config file, mode 1 a filename and options; after a NUL,
+# events (even first byte), requests, breakpoints and resumes.
+script = b"\x00\x00\x00\x04\x01\x00\x05\x01\x00\x02\x09\x00\x02\x04\x01\x00\x03\x00"
+put("blkdebug_config", "config", b"\x00" + b"""# iotest style
+[inject-error]
+event = "l2_load"
+errno = "5"
+once = "on"
+
+[set-state]
+state = "1"
+event = "l2_update"
+new_state = "2"
+
+[inject-error]
+state = "2"
+event = "read_aio"
+errno = "28"
+immediately = "off"
+sector = "0"
+iotype = "read"
+""" + b"\x00" + script)
+put("blkdebug_config", "options", b"\x01" + b"blkdebug:c.conf:t.qcow2\n"
+    b"align=4k,max-transfer=64k,inject-error.0.event=read_aio,inject-error.0.errno=0x1c,"
+    b"inject-error.0.sector=8,set-state.0.event=none,set-state.0.new_state=2"
+    + b"\x00" + script)
+# QEMU keeps errno and states in an int: 2^32 is errno 0, no error injected.
+put("blkdebug_config", "int-wrap", b"\x00" + b"[inject-error]\nevent = \"none\"\n"
+    b"errno = \"4294967296\"\n[set-state]\nevent = \"read_aio\"\nstate = \"4294967297\"\n"
+    b"new_state = \"-1\"\n" + b"\x00" + script)
+PY
+echo "seeds in corpus/qemu_opts corpus/nbd_handshake corpus/blkdebug_config"

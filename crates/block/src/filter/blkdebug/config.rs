@@ -109,6 +109,12 @@ fn parse_number(key: &str, v: &str) -> Result<i64> {
     Ok(if neg { n.wrapping_neg() } else { n })
 }
 
+/// A number QEMU keeps in an `int` (`state`, `new_state`, `errno`): the low 32 bits of
+/// what [`parse_number`] reads, so `errno = "4294967296"` injects nothing, as in QEMU.
+fn parse_int(key: &str, v: &str) -> Result<i64> {
+    Ok(i64::from(parse_number(key, v)? as i32))
+}
+
 fn parse_bool(key: &str, v: &str) -> Result<bool> {
     match v {
         "on" | "yes" | "true" | "y" => Ok(true),
@@ -158,9 +164,9 @@ pub fn rule_from_entries(group: &str, entries: &[(String, String)]) -> Result<Ru
         }
         match k.as_str() {
             "event" => event = Some(parse_event(v)?),
-            "state" => state = parse_number(k, v)?,
-            "new_state" => new_state = parse_number(k, v)?,
-            "errno" => errno = parse_number(k, v)?,
+            "state" => state = parse_int(k, v)?,
+            "new_state" => new_state = parse_int(k, v)?,
+            "errno" => errno = parse_int(k, v)?,
             "sector" => {
                 let s = parse_number(k, v)?;
                 offset = (s != -1).then_some((s as u64).wrapping_mul(512));
@@ -378,6 +384,28 @@ mod tests {
         assert_eq!(parse_number("x", "-5").unwrap(), -5);
         assert!(parse_number("x", "1.5").is_err());
         assert!(parse_number("x", "").is_err());
+    }
+
+    #[test]
+    fn int_options_keep_their_low_32_bits() {
+        let text = "[inject-error]\nevent = \"none\"\nerrno = \"0x100000000\"\n[set-state]\nevent = \"none\"\nstate = \"4294967297\"\nnew_state = \"-4294967294\"\n";
+        let rules = parse_config(text).unwrap();
+        match &rules[0] {
+            RuleSpec::InjectError { errno, .. } => assert_eq!(*errno, 0),
+            r => panic!("{r:?}"),
+        }
+        assert_eq!(
+            rules[1],
+            RuleSpec::SetState {
+                event: Event::None,
+                state: 1,
+                new_state: 2
+            }
+        );
+        // An errno of 0 (here 2^32) injects nothing.
+        let engine = super::super::rules::Rules::new(&rules);
+        drop(engine.event(Event::None));
+        assert_eq!(engine.check(0, 512, IoType::Read), None);
     }
 
     #[test]
