@@ -134,3 +134,19 @@ put("blkdebug_config", "int-wrap", b"\x00" + b"[inject-error]\nevent = \"none\"\
     b"new_state = \"-1\"\n" + b"\x00" + script)
 PY
 echo "seeds in corpus/qemu_opts corpus/nbd_handshake corpus/blkdebug_config"
+# blklogwrites_log: logs of a few writes, a zero write, a discard and flushes, written by
+# the blklogwrites driver through rqemu-io (512-byte and 4 KiB log sectors).
+out=corpus/blklogwrites_log
+mkdir -p "$out"
+rqemu_io=../target/release/rqemu-io
+i=0
+for ss in 512 4096; do
+    qemu-img create -q -f raw "$tmp/img" 64k
+    : > "$tmp/log"
+    "$rqemu_io" -c 'write -P 1 0 4k' -c 'write -P 2 100 50' -c 'write -z 8k 4k' \
+        -c 'discard 16k 8k' -c flush \
+        "json:{\"driver\":\"raw\",\"file\":{\"driver\":\"blklogwrites\",\"log-sector-size\":$ss,\"file\":{\"driver\":\"file\",\"filename\":\"$tmp/img\"},\"log\":{\"driver\":\"file\",\"filename\":\"$tmp/log\"}}}" >/dev/null
+    cp "$tmp/log" "$out/seed-$i"
+    i=$((i + 1))
+done
+echo "seeds in $out"
