@@ -195,6 +195,18 @@ fn qemu_image(dir: &Path, name: &str, opts: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// An image written by QEMU with a snapshot `s1`, then written again.
+fn image_with_snapshot(dir: &Path) -> PathBuf {
+    let img = qemu_image(dir, "img.qcow2", "");
+    qemu_img(dir, &["snapshot", "-c", "s1", "img.qcow2"]);
+    qemu_io(
+        dir,
+        "img.qcow2",
+        &["write -P 0x44 0 128k", "write -P 0x55 5M 1M"],
+    );
+    img
+}
+
 fn plain(img: &Path, log: &Path) -> String {
     format!("json:{}", logged_spec(img, log))
 }
@@ -202,164 +214,143 @@ fn plain(img: &Path, log: &Path) -> String {
 /// Whole-command workloads: each builds its image with QEMU's tools, then runs one of
 /// rqemu's commands on it through the logging node.
 fn command_workloads(s: &Scratch) -> Vec<Recording> {
-    let mut v = Vec::new();
-    v.push(record_command(
-        s,
-        "snapshot-create",
-        |d| qemu_image(d, "img.qcow2", ""),
-        plain,
-        &["rqemu-img", "snapshot", "-c", "s1", "{}"],
-    ));
-    v.push(record_command(
-        s,
-        "snapshot-apply",
-        |d| {
-            let img = qemu_image(d, "img.qcow2", "");
-            qemu_img(d, &["snapshot", "-c", "s1", "img.qcow2"]);
-            qemu_io(
-                d,
-                "img.qcow2",
-                &["write -P 0x44 0 128k", "write -P 0x55 5M 1M"],
-            );
-            img
-        },
-        plain,
-        &["rqemu-img", "snapshot", "-a", "s1", "{}"],
-    ));
-    v.push(record_command(
-        s,
-        "snapshot-delete",
-        |d| {
-            let img = qemu_image(d, "img.qcow2", "");
-            qemu_img(d, &["snapshot", "-c", "s1", "img.qcow2"]);
-            qemu_io(
-                d,
-                "img.qcow2",
-                &["write -P 0x44 0 128k", "write -P 0x55 5M 1M"],
-            );
-            img
-        },
-        plain,
-        &["rqemu-img", "snapshot", "-d", "s1", "{}"],
-    ));
-    v.push(record_command(
-        s,
-        "bitmap-store",
-        |d| {
-            let img = qemu_image(d, "img.qcow2", "");
-            qemu_img(d, &["bitmap", "--add", "img.qcow2", "b0"]);
-            img
-        },
-        plain,
-        &[
-            "rqemu-io",
-            "-c",
-            "write -P 0x66 64k 1M",
-            "-c",
-            "write -P 0x77 6M 64k",
-            "{}",
-        ],
-    ));
-    v.push(record_command(
-        s,
-        "resize-grow",
-        |d| qemu_image(d, "img.qcow2", "cluster_size=4096"),
-        plain,
-        &["rqemu-img", "resize", "{}", "40M"],
-    ));
-    v.push(record_command(
-        s,
-        "resize-shrink",
-        |d| qemu_image(d, "img.qcow2", ""),
-        plain,
-        &["rqemu-img", "resize", "--shrink", "{}", "2M"],
-    ));
-    v.push(record_command(
-        s,
-        "amend-refcount-bits",
-        |d| qemu_image(d, "img.qcow2", "cluster_size=4096"),
-        plain,
-        &["rqemu-img", "amend", "-o", "refcount_bits=64", "{}"],
-    ));
-    v.push(record_command(
-        s,
-        "commit",
-        |d| {
-            let base = qemu_image(d, "img.qcow2", "");
-            qemu_img(
-                d,
-                &[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-b",
-                    "img.qcow2",
-                    "-F",
-                    "qcow2",
+    type Prepare = fn(&Path) -> PathBuf;
+    type Spec = fn(&Path, &Path) -> String;
+    let table: [(&str, Prepare, Spec, &[&str]); 9] = [
+        (
+            "snapshot-create",
+            |d| qemu_image(d, "img.qcow2", ""),
+            plain,
+            &["rqemu-img", "snapshot", "-c", "s1", "{}"],
+        ),
+        (
+            "snapshot-apply",
+            image_with_snapshot,
+            plain,
+            &["rqemu-img", "snapshot", "-a", "s1", "{}"],
+        ),
+        (
+            "snapshot-delete",
+            image_with_snapshot,
+            plain,
+            &["rqemu-img", "snapshot", "-d", "s1", "{}"],
+        ),
+        (
+            "bitmap-store",
+            |d| {
+                let img = qemu_image(d, "img.qcow2", "");
+                qemu_img(d, &["bitmap", "--add", "img.qcow2", "b0"]);
+                img
+            },
+            plain,
+            &[
+                "rqemu-io",
+                "-c",
+                "write -P 0x66 64k 1M",
+                "-c",
+                "write -P 0x77 6M 64k",
+                "{}",
+            ],
+        ),
+        (
+            "resize-grow",
+            |d| qemu_image(d, "img.qcow2", "cluster_size=4096"),
+            plain,
+            &["rqemu-img", "resize", "{}", "40M"],
+        ),
+        (
+            "resize-shrink",
+            |d| qemu_image(d, "img.qcow2", ""),
+            plain,
+            &["rqemu-img", "resize", "--shrink", "{}", "2M"],
+        ),
+        (
+            "amend-refcount-bits",
+            |d| qemu_image(d, "img.qcow2", "cluster_size=4096"),
+            plain,
+            &["rqemu-img", "amend", "-o", "refcount_bits=64", "{}"],
+        ),
+        (
+            "commit",
+            |d| {
+                let base = qemu_image(d, "img.qcow2", "");
+                qemu_img(
+                    d,
+                    &[
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        "-b",
+                        "img.qcow2",
+                        "-F",
+                        "qcow2",
+                        "top.qcow2",
+                    ],
+                );
+                qemu_io(
+                    d,
                     "top.qcow2",
-                ],
-            );
-            qemu_io(
-                d,
-                "top.qcow2",
-                &["write -P 0x88 0 64k", "write -P 0x99 2M 2M"],
-            );
-            // The overlay names its backing file through the logging node.
-            let logged = plain(&base, &d.join("log"));
-            qemu_img(
-                d,
-                &["rebase", "-u", "-b", &logged, "-F", "qcow2", "top.qcow2"],
-            );
-            base
-        },
-        |img, _| {
-            img.with_file_name("top.qcow2")
-                .to_string_lossy()
-                .into_owned()
-        },
-        &["rqemu-img", "commit", "{}"],
-    ));
-    v.push(record_command(
-        s,
-        "rebase",
-        |d| {
-            qemu_image(d, "old.qcow2", "");
-            qemu_img(d, &["create", "-q", "-f", "qcow2", "new.qcow2", "8M"]);
-            qemu_io(
-                d,
-                "new.qcow2",
-                &["write -P 0x11 0 64k", "write -P 0xaa 6M 64k"],
-            );
-            qemu_img(
-                d,
-                &[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-b",
-                    "old.qcow2",
-                    "-F",
-                    "qcow2",
-                    "img.qcow2",
-                ],
-            );
-            qemu_io(d, "img.qcow2", &["write -P 0xbb 32k 64k"]);
-            d.join("img.qcow2")
-        },
-        plain,
-        &[
-            "rqemu-img",
+                    &["write -P 0x88 0 64k", "write -P 0x99 2M 2M"],
+                );
+                // The overlay names its backing file through the logging node.
+                let logged = plain(&base, &d.join("log"));
+                qemu_img(
+                    d,
+                    &["rebase", "-u", "-b", &logged, "-F", "qcow2", "top.qcow2"],
+                );
+                base
+            },
+            |img, _| {
+                img.with_file_name("top.qcow2")
+                    .to_string_lossy()
+                    .into_owned()
+            },
+            &["rqemu-img", "commit", "{}"],
+        ),
+        (
             "rebase",
-            "-b",
-            "new.qcow2",
-            "-F",
-            "qcow2",
-            "{}",
-        ],
-    ));
-    v
+            |d| {
+                qemu_image(d, "old.qcow2", "");
+                qemu_img(d, &["create", "-q", "-f", "qcow2", "new.qcow2", "8M"]);
+                qemu_io(
+                    d,
+                    "new.qcow2",
+                    &["write -P 0x11 0 64k", "write -P 0xaa 6M 64k"],
+                );
+                qemu_img(
+                    d,
+                    &[
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        "-b",
+                        "old.qcow2",
+                        "-F",
+                        "qcow2",
+                        "img.qcow2",
+                    ],
+                );
+                qemu_io(d, "img.qcow2", &["write -P 0xbb 32k 64k"]);
+                d.join("img.qcow2")
+            },
+            plain,
+            &[
+                "rqemu-img",
+                "rebase",
+                "-b",
+                "new.qcow2",
+                "-F",
+                "qcow2",
+                "{}",
+            ],
+        ),
+    ];
+    table
+        .into_iter()
+        .map(|(name, prepare, spec, args)| record_command(s, name, prepare, spec, args))
+        .collect()
 }
 
 fn recordings(s: &Scratch) -> Vec<Recording> {

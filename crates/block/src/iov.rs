@@ -408,31 +408,13 @@ mod tests {
     /// Descriptors over memory no Rust slice covers: an anonymous mapping.
     #[test]
     fn raw_memory_round_trip() {
-        let len = 8192;
-        // SAFETY: a fresh private anonymous mapping; no file, no fixed address.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        // SAFETY: the mapping is live until the munmap below, and nothing makes a Rust
-        // reference to it.
-        let buf = unsafe { IoBufMut::from_raw(p.cast(), len) };
+        let m = crate::test_util::Mapping::new(8192);
+        let buf = m.buf(0, 8192);
         let v = [buf.range(0, 100), buf.range(4096, 4096)];
         scatter(&v, &[7u8; 4196]);
         let mut out = vec![0u8; 4196];
         gather(&readable(&v), &mut out);
         assert!(out.iter().all(|&x| x == 7));
-        let mut gap = [1u8; 8];
-        buf.readable().copy_to(100, &mut gap);
-        assert_eq!(gap, [0; 8]);
-        // SAFETY: unmaps the mapping made above; no descriptor of it is used afterwards.
-        assert_eq!(unsafe { libc::munmap(p, len) }, 0);
+        assert_eq!(m.copy(100, 8), [0; 8]);
     }
 }

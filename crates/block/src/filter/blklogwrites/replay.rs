@@ -18,6 +18,9 @@ use super::log::{Log, Op};
 
 /// Sectors of this size reach the medium whole or not at all.
 pub const ATOMIC: u64 = 4096;
+/// Most pieces one torn write is cut into: longer writes (a discard of a whole device)
+/// tear at a coarser multiple of [`ATOMIC`], so a state stays small whatever a log says.
+const MAX_TORN_PIECES: u64 = 1024;
 
 /// One range to write when building a state: bytes from the log, or zeroes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,13 +165,14 @@ pub fn sample(log: &Log, cut: usize, rng: &mut Rng) -> CrashState {
     }
 }
 
-/// A random subset of `p`'s atomic sectors.
+/// A random subset of `p`'s atomic sectors (or of runs of them, for long writes).
 fn torn(p: Piece, rng: &mut Rng) -> Vec<Piece> {
     let mut out = Vec::new();
+    let unit = p.len.div_ceil(MAX_TORN_PIECES).next_multiple_of(ATOMIC);
     let end = p.offset + p.len;
     let mut at = p.offset;
     while at < end {
-        let next = ((at / ATOMIC + 1) * ATOMIC).min(end);
+        let next = ((at / unit + 1) * unit).min(end);
         if rng.below(2) == 0 {
             out.push(Piece {
                 offset: at,
@@ -197,23 +201,33 @@ pub fn last_mark(log: &Log, cut: usize) -> Option<&str> {
 pub fn materialize(base: &Path, out: &Path, log: &[u8], state: &CrashState) -> io::Result<()> {
     std::fs::copy(base, out)?;
     let f = std::fs::OpenOptions::new().write(true).open(out)?;
-    let mut zeroes = Vec::new();
+    let zeroes = vec![0u8; 1 << 20];
     for p in &state.pieces {
-        let bytes = match p.data {
+        let end = p
+            .offset
+            .checked_add(p.len)
+            .ok_or_else(|| io::Error::other("a piece ends past 2^64"))?;
+        match p.data {
             Some(d) => {
                 let range = usize::try_from(d)
                     .ok()
-                    .zip(usize::try_from(d + p.len).ok())
+                    .zip(d.checked_add(p.len).and_then(|e| usize::try_from(e).ok()))
                     .filter(|(_, e)| *e <= log.len())
                     .ok_or_else(|| io::Error::other("a piece lies outside the log"))?;
-                &log[range.0..range.1]
+                f.write_all_at(&log[range.0..range.1], p.offset)?;
             }
             None => {
-                zeroes.resize(zeroes.len().max(p.len as usize), 0);
-                &zeroes[..p.len as usize]
+                // A discard: zeroes over what the file holds (a discard past its end
+                // does not extend it).
+                let held = f.metadata()?.len().min(end);
+                let mut at = p.offset;
+                while at < held {
+                    let n = (held - at).min(zeroes.len() as u64) as usize;
+                    f.write_all_at(&zeroes[..n], at)?;
+                    at += n as u64;
+                }
             }
-        };
-        f.write_all_at(bytes, p.offset)?;
+        }
     }
     Ok(())
 }
@@ -287,6 +301,19 @@ mod tests {
     }
 
     #[test]
+    fn a_huge_discard_tears_into_few_pieces() {
+        let l = log(vec![Op::Discard {
+            offset: 0,
+            len: 1 << 60,
+        }]);
+        let mut rng = Rng::new(3);
+        for _ in 0..20 {
+            let s = sample(&l, 1, &mut rng);
+            assert!(s.pieces.len() as u64 <= MAX_TORN_PIECES);
+        }
+    }
+
+    #[test]
     fn marks_name_the_last_checkpoint() {
         let l = log(vec![w(0, 512), Op::Flush, Op::Mark("a".into()), w(0, 512)]);
         assert_eq!(last_mark(&l, 2), None);
@@ -321,9 +348,10 @@ mod tests {
         let out = dir.join("out");
         materialize(&base, &out, &logb, &state).unwrap();
         let b = std::fs::read(&out).unwrap();
-        assert_eq!(b.len(), 8400);
+        assert_eq!(b.len(), 8192);
         assert!(b[100..1124].iter().all(|&x| x == 9));
         assert!(b[8000..].iter().all(|&x| x == 0));
+        assert_eq!(b[7999], 1);
         assert_eq!(b[99], 1);
         let bad = CrashState {
             pieces: vec![Piece {
