@@ -150,3 +150,10 @@ for ss in 512 4096; do
     i=$((i + 1))
 done
 echo "seeds in $out"
+# The regression seed of the blklogwrites_log finding: one discard of 2^50 bytes.
+python3 - "$out/oom-regression" <<'PY'
+import struct, sys
+log = struct.pack('<QQQI', 0x6a736677736872, 1, 1, 512).ljust(512, b'\0')
+log += struct.pack('<QQQQ', 0, 1 << 41, 4, 0).ljust(512, b'\0')
+open(sys.argv[1], 'wb').write(log)
+PY
