@@ -362,7 +362,7 @@ fn recordings(s: &Scratch) -> Vec<Recording> {
     v
 }
 
-fn run(budget: Budget, threads: usize) {
+fn run(budget: Budget, threads: usize, seed: u64) {
     if !need_qemu() {
         return;
     }
@@ -370,7 +370,7 @@ fn run(budget: Budget, threads: usize) {
     let recs = recordings(&s);
     let mut total = 0;
     for (i, rec) in recs.iter().enumerate() {
-        let st = states(rec, budget, 0x5eed + i as u64);
+        let st = states(rec, budget, seed + i as u64);
         let n = check_states(rec, &st, threads);
         eprintln!(
             "{}: {} log entries {:?}, {n} states checked",
@@ -392,6 +392,7 @@ fn power_cut_states() {
             exhaustive: 3,
         },
         4,
+        0x5eed,
     );
 }
 
@@ -411,5 +412,6 @@ fn power_cut_sweep() {
             exhaustive: 4,
         },
         var("RQEMU_POWER_CUT_THREADS", 4),
+        var("RQEMU_POWER_CUT_SEED", 0x5eed) as u64,
     );
 }
