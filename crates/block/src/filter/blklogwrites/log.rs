@@ -99,6 +99,72 @@ fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(v)
 }
 
+/// Reads a superblock: the number of entries and the sector size, checked.
+pub fn read_superblock(b: &[u8]) -> Result<(u64, u32), LogError> {
+    if b.len() < HEADER_BYTES {
+        return Err(LogError::Short);
+    }
+    if le64(b, 0) != MAGIC {
+        return Err(LogError::Magic);
+    }
+    let version = le64(b, 8);
+    if version != VERSION {
+        return Err(LogError::Version(version));
+    }
+    let sector_size = u32::from_le_bytes([b[24], b[25], b[26], b[27]]);
+    if !sector_size_valid(sector_size as u64) {
+        return Err(LogError::SectorSize(sector_size as u64));
+    }
+    Ok((le64(b, 16), sector_size))
+}
+
+/// The fields of an entry header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryHeader {
+    /// First log sector of the device the entry covers.
+    pub sector: u64,
+    /// Log sectors it covers.
+    pub nr_sectors: u64,
+    /// Its flags.
+    pub flags: u64,
+    /// Bytes of a mark's label.
+    pub data_len: u64,
+}
+
+impl EntryHeader {
+    /// Reads entry `index`'s header from the first [`HEADER_BYTES`] of `b`.
+    pub fn read(b: &[u8], index: u64) -> Result<EntryHeader, LogError> {
+        if b.len() < HEADER_BYTES {
+            return Err(LogError::Truncated(index));
+        }
+        let h = EntryHeader {
+            sector: le64(b, 0),
+            nr_sectors: le64(b, 8),
+            flags: le64(b, 16),
+            data_len: le64(b, 24),
+        };
+        if h.flags & !FLAG_MASK != 0 {
+            return Err(LogError::Flags {
+                flags: h.flags,
+                index,
+            });
+        }
+        Ok(h)
+    }
+
+    /// Bytes of data after the header (before rounding up to log sectors): a mark's
+    /// label, a write's data, nothing for flushes and discards. `None` on overflow.
+    pub fn data_bytes(&self, sector_size: u64) -> Option<u64> {
+        if self.flags & MARK != 0 {
+            Some(self.data_len)
+        } else if self.flags & (FLUSH | DISCARD) != 0 {
+            Some(0)
+        } else {
+            self.nr_sectors.checked_mul(sector_size)
+        }
+    }
+}
+
 /// What one entry did to the logged device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -139,72 +205,44 @@ pub struct Log {
 /// Reads a whole log. `log` is untrusted: every offset and length is checked against
 /// its size before use, and nothing is allocated in proportion to a field's value.
 pub fn parse(log: &[u8]) -> Result<Log, LogError> {
-    if log.len() < HEADER_BYTES {
-        return Err(LogError::Short);
-    }
-    if le64(log, 0) != MAGIC {
-        return Err(LogError::Magic);
-    }
-    let version = le64(log, 8);
-    if version != VERSION {
-        return Err(LogError::Version(version));
-    }
-    let nr_entries = le64(log, 16);
-    let sector_size = u32::from_le_bytes([log[24], log[25], log[26], log[27]]);
-    if !sector_size_valid(sector_size as u64) {
-        return Err(LogError::SectorSize(sector_size as u64));
-    }
+    let (nr_entries, sector_size) = read_superblock(log)?;
     let ss = sector_size as u64;
     let size = log.len() as u64;
     let mut ops = Vec::new();
     let mut at = ss;
     for index in 0..nr_entries {
-        if at.checked_add(HEADER_BYTES as u64).is_none_or(|e| e > size) {
+        let start = usize::try_from(at).map_err(|_| LogError::Truncated(index))?;
+        let h = EntryHeader::read(log.get(start..).unwrap_or(&[]), index)?;
+        let data = at + ss;
+        let data_bytes = h.data_bytes(ss).ok_or(LogError::Range(index))?;
+        if h.flags & MARK != 0 && data_bytes > MAX_MARK {
+            return Err(LogError::Range(index));
+        }
+        if data.checked_add(data_bytes).is_none_or(|e| e > size) {
             return Err(LogError::Truncated(index));
         }
-        let h = &log[at as usize..at as usize + HEADER_BYTES];
-        let (sector, nr, flags, data_len) = (le64(h, 0), le64(h, 8), le64(h, 16), le64(h, 24));
-        if flags & !FLAG_MASK != 0 {
-            return Err(LogError::Flags { flags, index });
-        }
-        let data = at + ss;
-        let range = |n: u64| -> Result<(u64, u64), LogError> {
-            let offset = sector.checked_mul(ss).ok_or(LogError::Range(index))?;
-            let len = n.checked_mul(ss).ok_or(LogError::Range(index))?;
+        let range = || -> Result<(u64, u64), LogError> {
+            let offset = h.sector.checked_mul(ss).ok_or(LogError::Range(index))?;
+            let len = h.nr_sectors.checked_mul(ss).ok_or(LogError::Range(index))?;
             offset.checked_add(len).ok_or(LogError::Range(index))?;
             Ok((offset, len))
         };
-        let (op, data_bytes) = if flags & MARK != 0 {
-            if data_len > MAX_MARK {
-                return Err(LogError::Range(index));
-            }
-            if data + data_len > size {
-                return Err(LogError::Truncated(index));
-            }
-            let label = &log[data as usize..(data + data_len) as usize];
-            (
-                Op::Mark(String::from_utf8_lossy(label).into_owned()),
-                data_len,
-            )
-        } else if flags & FLUSH != 0 {
-            (Op::Flush, 0)
-        } else if flags & DISCARD != 0 {
-            let (offset, len) = range(nr)?;
-            (Op::Discard { offset, len }, 0)
+        let op = if h.flags & MARK != 0 {
+            let label = &log[data as usize..(data + data_bytes) as usize];
+            Op::Mark(String::from_utf8_lossy(label).into_owned())
+        } else if h.flags & FLUSH != 0 {
+            Op::Flush
+        } else if h.flags & DISCARD != 0 {
+            let (offset, len) = range()?;
+            Op::Discard { offset, len }
         } else {
-            let (offset, len) = range(nr)?;
-            if data.checked_add(len).is_none_or(|e| e > size) {
-                return Err(LogError::Truncated(index));
-            }
-            (
-                Op::Write {
-                    offset,
-                    len,
-                    data,
-                    fua: flags & FUA != 0,
-                },
+            let (offset, len) = range()?;
+            Op::Write {
+                offset,
                 len,
-            )
+                data,
+                fua: h.flags & FUA != 0,
+            }
         };
         ops.push(op);
         at = data

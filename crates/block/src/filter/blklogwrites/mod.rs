@@ -148,38 +148,20 @@ impl BlkLogWritesNode {
         log.read(0, &mut sb)
             .await
             .map_err(|e| e.context("Could not read log superblock"))?;
-        let field = |at: usize| u64::from_le_bytes(sb[at..at + 8].try_into().unwrap_or([0; 8]));
-        if field(0) != log::MAGIC {
-            return Err(Error::invalid("Invalid log superblock magic"));
-        }
-        if field(8) != log::VERSION {
-            return Err(Error::invalid(format!(
-                "Unsupported log version {}",
-                field(8)
-            )));
-        }
-        let entries = field(16);
-        let ss = u32::from_le_bytes([sb[24], sb[25], sb[26], sb[27]]) as u64;
-        if !log::sector_size_valid(ss) {
-            return Err(Error::invalid(format!("Invalid log sector size {ss}")));
-        }
+        let invalid = |e: log::LogError| Error::invalid(e.to_string());
+        let (entries, ss) = log::read_superblock(&sb).map_err(invalid)?;
+        let ss = ss as u64;
         let mut sector = 1u64;
         let mut h = [0u8; log::HEADER_BYTES];
         for i in 0..entries {
-            log.read(sector * ss, &mut h)
+            log.read(sector.saturating_mul(ss), &mut h)
                 .await
                 .map_err(|e| e.context(format!("Failed to read log entry {i}")))?;
-            let nr = u64::from_le_bytes(h[8..16].try_into().unwrap_or([0; 8]));
-            let flags = u64::from_le_bytes(h[16..24].try_into().unwrap_or([0; 8]));
-            if flags & !log::FLAG_MASK != 0 {
-                return Err(Error::invalid(format!(
-                    "Invalid flags 0x{flags:x} in log entry {i}"
-                )));
-            }
-            sector = sector.saturating_add(1);
-            if flags & log::DISCARD == 0 {
-                sector = sector.saturating_add(nr);
-            }
+            let data = log::EntryHeader::read(&h, i)
+                .map_err(invalid)?
+                .data_bytes(ss)
+                .unwrap_or(u64::MAX);
+            sector = sector.saturating_add(1).saturating_add(data.div_ceil(ss));
         }
         Ok((ss as u32, Cursor { sector, entries }))
     }
@@ -484,6 +466,7 @@ mod tests {
         block_on(async {
             node.write(0, &[1u8; 4096], WriteFlags::NONE).await.unwrap();
             node.flush().await.unwrap();
+            node.mark("a mark is walked over too").await.unwrap();
             node.close().await.unwrap();
             let opts = BlkLogWritesOptions {
                 append: true,
@@ -501,8 +484,8 @@ mod tests {
         });
         let l = parse(&log_bytes(&logf)).unwrap();
         assert_eq!(l.sector_size, 4096);
-        assert_eq!(l.ops.len(), 3);
-        assert!(matches!(l.ops[2], Op::Write { offset: 8192, .. }));
+        assert_eq!(l.ops.len(), 4);
+        assert!(matches!(l.ops[3], Op::Write { offset: 8192, .. }));
     }
 
     #[test]
