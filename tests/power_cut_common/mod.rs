@@ -51,27 +51,56 @@ pub enum Step {
     Checkpoint,
 }
 
+/// What a checkpoint allows a guest sector to read.
+struct Checkpoint {
+    /// Guest content at the checkpoint.
+    content: Vec<u8>,
+    /// Sector-uniform writes since: `(first sector, count, value)`.
+    since: Vec<(u64, u64, u8)>,
+    /// For a whole command: the content it leaves, which any sector may already hold.
+    after: Option<Vec<u8>>,
+}
+
+impl Checkpoint {
+    fn new(content: Vec<u8>) -> Checkpoint {
+        Checkpoint {
+            content,
+            since: Vec::new(),
+            after: None,
+        }
+    }
+}
+
 /// The guest-visible content at each checkpoint, and what was written after it.
 pub struct Model {
     /// Content now.
     cur: Vec<u8>,
-    /// Content at each checkpoint (index = mark label).
-    snaps: Vec<Vec<u8>>,
-    /// Sector-uniform writes since each checkpoint: `(first sector, count, value)`.
-    later: Vec<Vec<(u64, u64, u8)>>,
-    /// States after the checkpoint, for whole commands (`before` → `after`).
-    after: Vec<Option<Vec<u8>>>,
+    /// The checkpoints (index = mark label).
+    checkpoints: Vec<Checkpoint>,
+    /// A whole command: its log has no marks, its end is checkpoint 1.
+    command: bool,
     next_value: u8,
 }
 
 impl Model {
-    /// A model of an image reading `initial`.
+    /// A model of an image reading `initial`, for in-process steps.
     pub fn new(initial: Vec<u8>) -> Model {
         Model {
-            snaps: vec![initial.clone()],
+            checkpoints: vec![Checkpoint::new(initial.clone())],
             cur: initial,
-            later: vec![Vec::new()],
-            after: vec![None],
+            command: false,
+            next_value: 0,
+        }
+    }
+
+    /// A model of a whole command that turns `before` into `after`.
+    fn command(before: Vec<u8>, after: Vec<u8>) -> Model {
+        let mut start = Checkpoint::new(before);
+        start.after = Some(after.clone());
+        Model {
+            checkpoints: vec![start, Checkpoint::new(after.clone())],
+            cur: after,
+            command: true,
             next_value: 0,
         }
     }
@@ -86,8 +115,8 @@ impl Model {
         if off < end {
             self.cur[off as usize..end as usize].fill(v);
         }
-        for l in self.later.iter_mut() {
-            l.push((off / SECTOR, len.div_ceil(SECTOR), v));
+        for c in self.checkpoints.iter_mut() {
+            c.since.push((off / SECTOR, len.div_ceil(SECTOR), v));
         }
     }
 
@@ -97,30 +126,27 @@ impl Model {
 
     /// A checkpoint: returns its label.
     fn checkpoint(&mut self) -> String {
-        self.snaps.push(self.cur.clone());
-        self.later.push(Vec::new());
-        self.after.push(None);
-        (self.snaps.len() - 1).to_string()
+        self.checkpoints.push(Checkpoint::new(self.cur.clone()));
+        (self.checkpoints.len() - 1).to_string()
     }
 
     /// Whether sector `s` holding `got` is allowed after checkpoint `mark`.
     fn allowed(&self, mark: usize, s: u64, got: &[u8]) -> bool {
         let at = (s * SECTOR) as usize;
-        let snap = &self.snaps[mark];
-        let at_snap = snap.get(at..at + got.len());
-        if at_snap == Some(got) || (at_snap.is_none() && got.iter().all(|&b| b == 0)) {
+        let c = &self.checkpoints[mark];
+        let zero = got.iter().all(|&b| b == 0);
+        let held = c.content.get(at..at + got.len());
+        if held == Some(got) || (held.is_none() && zero) {
             return true;
         }
-        if let Some(after) = &self.after[mark] {
+        if let Some(after) = &c.after {
             // What a command shrinks away may read as zeroes before the new size lands.
-            let gone = at >= after.len() && got.iter().all(|&b| b == 0);
-            if gone || after.get(at..at + got.len()) == Some(got) {
+            if (at >= after.len() && zero) || after.get(at..at + got.len()) == Some(got) {
                 return true;
             }
         }
-        let uniform = got.iter().all(|&b| b == got[0]);
-        uniform
-            && self.later[mark]
+        got.iter().all(|&b| b == got[0])
+            && c.since
                 .iter()
                 .any(|&(f, n, v)| s >= f && s < f + n && v == got[0])
     }
@@ -355,12 +381,7 @@ pub fn record_command(
         "{name}: {tool} {args:?}: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let after = read_image(&img);
-    let mut model = Model::new(before);
-    model.after[0] = Some(after.clone());
-    model.checkpoint();
-    model.snaps[1] = after;
-    // The last checkpoint is the command's end: the log's final flush.
+    let model = Model::command(before, read_image(&img));
     let rec = finish(name, dir, base, log_path, model, lazy);
     assert!(
         matches!(rec.log.ops.last(), Some(log::Op::Flush)),
@@ -373,7 +394,7 @@ pub fn record_command(
 fn checkpoint_of(rec: &Recording, cut: usize) -> usize {
     // A command's log has no marks: its end (a flush with nothing after it) is its
     // checkpoint.
-    if rec.model.snaps.len() == 2 && rec.model.after[0].is_some() {
+    if rec.model.command {
         return usize::from(cut == rec.log.ops.len());
     }
     replay::last_mark(&rec.log, cut)
